@@ -1,0 +1,130 @@
+"""Weight-normalized 2-D convolution (spec 2.7), the conv used throughout NVAE.
+
+Keras 3 has no weight-norm layer, so this is our own: the effective kernel is
+``exp(log_g) * v / (||v|| + 1e-5)`` per output channel, with ``log_g`` initialised to
+``log(||v_init|| + 0.01)`` so that the layer starts at PyTorch's default init. The same
+layer with ``weight_norm=False`` is the plain conv used inside the decoder cells; both expose
+``kernel_matrix()`` for the spectral regularizer.
+"""
+import math
+
+import keras
+import tensorflow as tf
+
+_NORM_EPS = 1e-5
+
+
+def torch_uniform(fan_in):
+    """PyTorch's default conv init, U(+-1/sqrt(fan_in)) (kaiming-uniform with a=sqrt(5))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound)
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class Conv2D(keras.layers.Layer):
+    """NHWC conv with symmetric zero padding ``kernel_size // 2`` (PyTorch ``padding=k//2``).
+
+    Args:
+      filters: output channels.
+      kernel_size: odd square kernel size.
+      strides: 1 or 2.
+      use_bias: add a bias.
+      weight_norm: weight-normalize the kernel (spec 2.7); False gives a plain conv.
+      depthwise: depthwise conv (``groups == channels``); then ``filters`` must equal the input
+        channels.
+      log_g_offset: added to the initial log-norm; the flows use ``-log(10)`` (spec 4).
+    """
+
+    def __init__(self, filters, kernel_size, strides=1, use_bias=True, weight_norm=True,
+                 depthwise=False, log_g_offset=0.0, **kwargs):
+        super().__init__(**kwargs)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        if strides not in (1, 2):
+            raise ValueError(f"strides must be 1 or 2, got {strides}")
+        self.filters = int(filters)
+        self.kernel_size = int(kernel_size)
+        self.strides = int(strides)
+        self.use_bias = bool(use_bias)
+        self.weight_norm = bool(weight_norm)
+        self.depthwise = bool(depthwise)
+        self.log_g_offset = float(log_g_offset)
+
+    def kernel_mask(self, in_channels):
+        """Multiplicative kernel mask (None = unmasked); masked subclasses override it."""
+        return None
+
+    def build(self, input_shape):
+        cin = int(input_shape[-1])
+        k = self.kernel_size
+        if self.depthwise:
+            if self.filters != cin:
+                raise ValueError(f"depthwise conv needs filters == input channels "
+                                 f"({self.filters} != {cin})")
+            shape, fan_in = (k, k, cin, 1), k * k
+        else:
+            shape, fan_in = (k, k, cin, self.filters), cin * k * k
+        self.in_channels = cin
+        self._mask = self.kernel_mask(cin)
+        self.kernel = self.add_weight(name="kernel", shape=shape, initializer=torch_uniform(fan_in))
+        if self.weight_norm:
+            init_norm = tf.reshape(self._kernel_norm(self._masked(self.kernel)), (-1,))
+            init_log_g = tf.math.log(init_norm + 0.01) + self.log_g_offset
+            self.log_g = self.add_weight(
+                name="log_g", shape=(self.filters,),
+                initializer=lambda shape, dtype=None: tf.cast(init_log_g, dtype or "float32"))
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(self.filters,),
+                                        initializer=torch_uniform(fan_in))
+
+    def _masked(self, kernel):
+        return kernel if self._mask is None else kernel * self._mask
+
+    def _norm_axes(self):
+        # Per output channel: over (kh, kw, Cin) for dense kernels, over (kh, kw) for depthwise.
+        return (0, 1, 3) if self.depthwise else (0, 1, 2)
+
+    def _kernel_norm(self, kernel):
+        return tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=self._norm_axes(), keepdims=True))
+
+    def effective_kernel(self):
+        """The kernel actually convolved, in float32 (masked, then weight-normalized)."""
+        v = self._masked(tf.convert_to_tensor(self.kernel))
+        if not self.weight_norm:
+            return v
+        g = tf.exp(tf.convert_to_tensor(self.log_g))
+        g = tf.reshape(g, (1, 1, -1, 1) if self.depthwise else (1, 1, 1, -1))
+        return g * v / (self._kernel_norm(v) + _NORM_EPS)
+
+    def kernel_matrix(self):
+        """Effective kernel as PyTorch's (Cout, Cin/groups * kh * kw) matrix, for spectral norms."""
+        w = self.effective_kernel()
+        if self.depthwise:
+            return tf.transpose(tf.reshape(w, (self.kernel_size ** 2, self.filters)))
+        return tf.transpose(tf.reshape(w, (-1, self.filters)))
+
+    def call(self, x):
+        kernel = tf.cast(self.effective_kernel(), x.dtype)
+        p = self.kernel_size // 2
+        padding = [[0, 0], [p, p], [p, p], [0, 0]] if p else "VALID"
+        if self.depthwise:
+            if p:
+                x = tf.pad(x, padding)
+            y = tf.nn.depthwise_conv2d(x, kernel, (1, self.strides, self.strides, 1), "VALID")
+        else:
+            y = tf.nn.conv2d(x, kernel, self.strides, padding)
+        if self.use_bias:
+            y = tf.nn.bias_add(y, tf.cast(self.bias, y.dtype))
+        return y
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, _ = input_shape
+        s = self.strides
+        return (b, None if h is None else (h + s - 1) // s, None if w is None else (w + s - 1) // s,
+                self.filters)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
+                "strides": self.strides, "use_bias": self.use_bias,
+                "weight_norm": self.weight_norm, "depthwise": self.depthwise,
+                "log_g_offset": self.log_g_offset}
