@@ -68,14 +68,17 @@ class Conv2D(keras.layers.Layer):
         self._mask = self.kernel_mask(cin)
         self.kernel = self.add_weight(name="kernel", shape=shape, initializer=torch_uniform(fan_in))
         if self.weight_norm:
-            init_norm = tf.reshape(self._kernel_norm(self._masked(self.kernel)), (-1,))
-            init_log_g = tf.math.log(init_norm + 0.01) + self.log_g_offset
-            self.log_g = self.add_weight(
-                name="log_g", shape=(self.filters,),
-                initializer=lambda shape, dtype=None: tf.cast(init_log_g, dtype or "float32"))
+            self.log_g = self.add_weight(name="log_g", shape=(self.filters,),
+                                         initializer=self._initial_log_g)
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(self.filters,),
                                         initializer=torch_uniform(fan_in))
+
+    def _initial_log_g(self, shape, dtype=None):
+        """log(||v_init|| + 0.01): the effective kernel starts equal to the raw init."""
+        with tf.init_scope():  # eager even when Keras builds inside a scratch graph
+            norm = tf.reshape(self._kernel_norm(self._masked(tf.convert_to_tensor(self.kernel))), (-1,))
+            return tf.cast(tf.math.log(norm + 0.01) + self.log_g_offset, dtype or "float32")
 
     def _masked(self, kernel):
         return kernel if self._mask is None else kernel * self._mask

@@ -1,0 +1,115 @@
+"""The residual cells of NVAE (spec 2.1-2.4): ``skip(x) + 0.1 * SE(branch(x))``.
+
+``EncoderCell`` (pre-process and encoder tower) has a BN-Swish-Conv3x3 branch applied twice;
+``DecoderCell`` (decoder tower and post-process) is an inverted residual with a depthwise 5x5.
+Down cells double the channels, up cells halve them (spec 1.2).
+"""
+import keras
+import tensorflow as tf
+
+from nvae_tf.normalization import BatchNorm, BNSwish
+from nvae_tf.skips import FactorizedReduce, UpSkip
+from nvae_tf.squeeze_excitation import SqueezeExcitation
+from nvae_tf.weight_norm import Conv2D
+
+RESIDUAL_SCALE = 0.1  # fixed, not learned (spec 2.1)
+CHANNEL_MULT = 2
+
+
+class _ResidualCell(keras.layers.Layer):
+    """Shared wiring: output = skip(x) + 0.1 * SE(branch(x))."""
+
+    def __init__(self, use_se=True, **kwargs):
+        super().__init__(**kwargs)
+        self.use_se = bool(use_se)
+        self.se = SqueezeExcitation(name="se") if self.use_se else None
+
+    def branch(self, x, training, update_stats):
+        raise NotImplementedError
+
+    def skip(self, x):
+        raise NotImplementedError
+
+    def call(self, x, training=None, update_stats=True):
+        y = self.branch(x, training, update_stats)
+        if self.se is not None:
+            y = self.se(y)
+        return self.skip(x) + RESIDUAL_SCALE * y
+
+    def get_config(self):
+        return {**super().get_config(), "use_se": self.use_se}
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class EncoderCell(_ResidualCell):
+    """BN-Swish-Conv3x3, twice, + SE; ``downsample`` halves H, W and doubles the channels."""
+
+    def __init__(self, downsample=False, use_se=True, **kwargs):
+        super().__init__(use_se=use_se, **kwargs)
+        self.downsample = bool(downsample)
+
+    def build(self, input_shape):
+        cin = int(input_shape[-1])
+        cout = cin * CHANNEL_MULT if self.downsample else cin
+        self.bn_swish_1 = BNSwish(name="bn_swish_1")
+        self.conv_1 = Conv2D(cout, 3, strides=2 if self.downsample else 1, name="conv_1")
+        self.bn_swish_2 = BNSwish(name="bn_swish_2")
+        self.conv_2 = Conv2D(cout, 3, name="conv_2")
+        self.reduce = FactorizedReduce(cout, name="reduce") if self.downsample else None
+
+    def branch(self, x, training, update_stats):
+        y = self.conv_1(self.bn_swish_1(x, training=training, update_stats=update_stats))
+        return self.conv_2(self.bn_swish_2(y, training=training, update_stats=update_stats))
+
+    def skip(self, x):
+        return self.reduce(x) if self.downsample else x
+
+    def get_config(self):
+        return {**super().get_config(), "downsample": self.downsample}
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class DecoderCell(_ResidualCell):
+    """Inverted residual: BN, 1x1 expand xE, BN-Swish, depthwise 5x5, BN-Swish, 1x1, BN, + SE.
+
+    ``upsample`` first doubles H, W (nearest) and halves the channels; its expansion is
+    computed from the wider input (spec 2.4). The inner convs have no bias and no weight norm.
+    """
+
+    def __init__(self, expansion=6, upsample=False, use_se=True, **kwargs):
+        super().__init__(use_se=use_se, **kwargs)
+        self.expansion = int(expansion)
+        self.upsample = bool(upsample)
+
+    def build(self, input_shape):
+        cin = int(input_shape[-1])
+        cout = cin // CHANNEL_MULT if self.upsample else cin
+        hidden = int(round(cin * self.expansion))
+        self.bn_in = BatchNorm(name="bn_in")
+        self.expand = Conv2D(hidden, 1, use_bias=False, weight_norm=False, name="expand")
+        self.bn_swish_1 = BNSwish(name="bn_swish_1")
+        self.depthwise = Conv2D(hidden, 5, use_bias=False, weight_norm=False, depthwise=True,
+                                name="depthwise")
+        self.bn_swish_2 = BNSwish(name="bn_swish_2")
+        self.project = Conv2D(cout, 1, use_bias=False, weight_norm=False, name="project")
+        self.bn_out = BatchNorm(name="bn_out")
+        self.up_skip = UpSkip(cout, name="up_skip") if self.upsample else None
+
+    def branch(self, x, training, update_stats):
+        if self.upsample:
+            x = _nearest_up(x)
+        y = self.expand(self.bn_in(x, training=training, update_stats=update_stats))
+        y = self.depthwise(self.bn_swish_1(y, training=training, update_stats=update_stats))
+        y = self.project(self.bn_swish_2(y, training=training, update_stats=update_stats))
+        return self.bn_out(y, training=training, update_stats=update_stats)
+
+    def skip(self, x):
+        return self.up_skip(x) if self.upsample else x
+
+    def get_config(self):
+        return {**super().get_config(), "expansion": self.expansion, "upsample": self.upsample}
+
+
+def _nearest_up(x):
+    """Nearest-neighbour x2 up-sampling by repetition (exact, any dtype)."""
+    return tf.repeat(tf.repeat(x, 2, axis=1), 2, axis=2)

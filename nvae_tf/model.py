@@ -1,0 +1,229 @@
+"""The NVAE model (spec 1): bottom-up encoder, top-down hierarchy of latent groups, decoder.
+
+Forward pass, top-down once::
+
+    x -> 2x-1 -> stem -> pre-process cells -> encoder blocks (one feature per latent group)
+    s = h (learned)
+    for each group, top first: decoder cells -> prior & posterior -> z -> combine z into s
+    s -> post-process cells -> ELU -> output conv -> decoder distribution p(x | z)
+"""
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from nvae_tf.cells import DecoderCell, EncoderCell
+from nvae_tf.config import CHANNEL_MULT, NVAEConfig
+from nvae_tf.distributions import CroppedBernoulli, DiscretizedLogisticMixture
+from nvae_tf.latent_group import LatentGroup
+from nvae_tf.likelihood import importance_weighted
+from nvae_tf.normalization import BatchNorm
+from nvae_tf.recompute import recompute_cells, run_cells
+from nvae_tf.weight_norm import Conv2D
+
+tfd = tfp.distributions
+
+MNIST_CROP = 2  # 28x28 digits padded to 32x32; the likelihood is scored on the 28x28 crop
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class NVAE(keras.Model):
+    """Nouveau VAE. ``NVAE(config)`` builds every variable at construction (batch of one)."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(config, dict):
+            config = NVAEConfig.from_dict(config)
+        self.config = c = config
+        self.stem = Conv2D(c.num_channels_enc, 3, name="stem")
+        self.preprocess = [
+            EncoderCell(downsample=j == c.num_preprocess_cells - 1, use_se=c.use_se,
+                        name=f"pre_{b}_{j}")
+            for b in range(c.num_preprocess_blocks) for j in range(c.num_preprocess_cells)]
+        self.encoder_cells, self._encoder_block_ends = self._make_encoder_tower()
+        self.groups = self._make_latent_groups()
+        self.postprocess = [
+            DecoderCell(3, upsample=j == 0, use_se=c.use_se, name=f"post_{b}_{j}")
+            for b in range(c.num_postprocess_blocks) for j in range(c.num_postprocess_cells)]
+        self.output_conv = Conv2D(c.decoder_channels, 3, name="output_conv")
+        self.h = self.add_weight(name="h", shape=c.h_shape,
+                                 initializer=keras.initializers.RandomUniform(0.0, 1.0))
+        self.build((None, c.image_size, c.image_size, c.image_channels))
+
+    # --- construction -------------------------------------------------------------------------
+    def _scale_channels(self, base, scale):
+        """Width at latent ``scale`` (0 = top) for a tower of base width ``base``."""
+        c = self.config
+        return base * CHANNEL_MULT ** (c.num_preprocess_blocks + c.num_latent_scales - 1 - scale)
+
+    def _make_encoder_tower(self):
+        """Cells in bottom-up order, and the index after which each group's feature is taken."""
+        c, cells, ends = self.config, [], []
+        for scale, groups in enumerate(reversed(c.groups_per_scale)):
+            for g in range(groups):
+                if scale > 0 and g == 0:
+                    cells.append(EncoderCell(downsample=True, use_se=c.use_se,
+                                             name=f"enc_down_{scale}"))
+                cells += [EncoderCell(use_se=c.use_se, name=f"enc_{scale}_{g}_{i}")
+                          for i in range(c.num_cell_per_cond_enc)]
+                ends.append(len(cells))
+        return cells, ends
+
+    def _make_latent_groups(self):
+        c, groups = self.config, []
+        for scale, count in enumerate(c.groups_per_scale):
+            for g in range(count):
+                index = len(groups)
+                groups.append(LatentGroup(
+                    index=index, upsample=scale > 0 and g == 0,
+                    num_cells=0 if index == 0 else c.num_cell_per_cond_dec,
+                    decoder_channels=self._scale_channels(c.num_channels_dec, scale),
+                    encoder_channels=self._scale_channels(c.num_channels_enc, scale),
+                    latent_channels=c.num_latent_per_group, num_flows=c.num_nf,
+                    residual_posterior=c.res_dist, use_se=c.use_se, name=f"group_{index}"))
+        return groups
+
+    def build(self, input_shape):
+        if not self.built:
+            self.call(tf.zeros((1, *input_shape[1:])), training=False)
+        super().build(input_shape)
+
+    # --- forward ------------------------------------------------------------------------------
+    def call(self, x, training=None):
+        """Posterior pass on images ``x`` in [0, 1], shape (B, H, W, C).
+
+        Returns a dict: ``decoder`` (p(x|z), per-image ``log_prob``), ``logits`` (its raw
+        parameters), ``kl`` (B, groups), ``log_q`` and ``log_p`` (B,) summed over all groups,
+        ``kl_per_channel`` (groups, latent channels) averaged over the batch, and per-group
+        ``posterior_mean`` / ``posterior_stddev`` lists.
+        """
+        x = self.check_images(x)
+        features = self._bottom_up(x, training)
+        s = self._initial_state(tf.shape(x)[0])
+        stats = []
+        for group in self.groups:
+            s = self._run(group.cells, s, training)
+            s, group_stats = group(s, features[-1 - group.index], training=training)
+            stats.append(group_stats)
+        logits = self._top_down_output(s, training)
+        return {
+            "decoder": self.decoder_distribution(logits),
+            "logits": logits,
+            "kl": tf.stack([st["kl"] for st in stats], axis=1),
+            "log_q": tf.add_n([st["log_q"] for st in stats]),
+            "log_p": tf.add_n([st["log_p"] for st in stats]),
+            "kl_per_channel": tf.stack([st["kl_per_channel"] for st in stats]),
+            "posterior_mean": [st["posterior_mean"] for st in stats],
+            "posterior_stddev": [st["posterior_stddev"] for st in stats],
+        }
+
+    def _bottom_up(self, x, training):
+        """Encoder features, one per latent group, bottom-up order (last = final feature)."""
+        s = self.stem(tf.cast(2.0 * x - 1.0, self.compute_dtype))
+        s = self._run(self.preprocess, s, training)
+        features, start = [], 0
+        for end in self._encoder_block_ends:
+            s = self._run(self.encoder_cells[start:end], s, training)
+            features.append(s)
+            start = end
+        return features
+
+    def _initial_state(self, batch_size):
+        h = tf.cast(self.h, self.compute_dtype)[None]
+        return tf.tile(h, [batch_size, 1, 1, 1])
+
+    def _top_down_output(self, s, training):
+        s = self._run(self.postprocess, s, training)
+        return tf.cast(self.output_conv(tf.nn.elu(s)), tf.float32)
+
+    def _run(self, cells, x, training):
+        """Run a cell stack, recomputing activations in the backward pass if configured."""
+        mode = self.config.recompute
+        if mode == "none" or not training or not cells:
+            return run_cells(cells, x, training=training)
+        if mode == "group":
+            return recompute_cells(cells, x, training=training)
+        for cell in cells:
+            x = recompute_cells([cell], x, training=training)
+        return x
+
+    # --- decoder distribution -----------------------------------------------------------------
+    def decoder_distribution(self, logits, temperature=1.0):
+        """p(x | z) with a per-image ``log_prob`` (summed over pixels and channels)."""
+        c = self.config
+        if c.decoder == "bernoulli":
+            return CroppedBernoulli(logits, crop=MNIST_CROP if c.is_mnist else 0)
+        mixture = DiscretizedLogisticMixture(logits, num_bits=c.num_x_bits,
+                                             temperature=temperature,
+                                             original_edge=c.original_dml_edge)
+        return tfd.Independent(mixture, reinterpreted_batch_ndims=2)
+
+    # --- generation and inference -------------------------------------------------------------
+    def prior_decoder(self, num_samples, temperature=1.0, decoder_temperature=1.0,
+                      training=False):
+        """Walk the prior at latent ``temperature``; returns p(x | z) of the samples.
+
+        ``training=True`` runs batch norm in training mode (BN re-adjustment, paper 4.2).
+        """
+        s = self._initial_state(num_samples)
+        for group in self.groups:
+            s = run_cells(group.cells, s, training=training)
+            s = group.sample(s, temperature)
+        return self.decoder_distribution(self._top_down_output(s, training), decoder_temperature)
+
+    def sample(self, num_samples, temperature=1.0, decoder_temperature=1.0, training=False):
+        """Images in [0, 1]: Bernoulli means for binary data, mixture samples for colour."""
+        decoder = self.prior_decoder(num_samples, temperature, decoder_temperature, training)
+        return _images(decoder)
+
+    def encode(self, x):
+        """Per-group posterior (means, stddevs), top group first, from one posterior pass."""
+        out = self(x, training=False)
+        return out["posterior_mean"], out["posterior_stddev"]
+
+    def reconstruct(self, x):
+        """Decode the posterior sample of ``x`` (Bernoulli means / mixture samples)."""
+        return _images(self(x, training=False)["decoder"])
+
+    @tf.function(reduce_retracing=True)
+    def log_likelihood(self, x, num_samples=1000, max_images_per_pass=256):
+        """Importance-weighted log p(x) per image in nats, from ``num_samples`` samples."""
+        return importance_weighted(self, x, num_samples, max_images_per_pass)[0]
+
+    @tf.function(reduce_retracing=True)
+    def elbo(self, x, num_samples=1):
+        """Evidence lower bound per image in nats, averaged over ``num_samples`` samples."""
+        return importance_weighted(self, x, num_samples)[1]
+
+    def check_images(self, x):
+        """Validate an image batch against the config; one-line ValueError otherwise."""
+        c = self.config
+        x = tf.convert_to_tensor(x)
+        expected = (c.image_size, c.image_size, c.image_channels)
+        if x.shape.rank != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected images of shape (batch, {expected[0]}, {expected[1]}, "
+                             f"{expected[2]}) for this config, got {tuple(x.shape)}")
+        if not x.dtype.is_floating:
+            raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype.name}")
+        return x
+
+    # --- parts used by the regularizers ---------------------------------------------------------
+    def conv_layers(self):
+        """Every conv of the model (the spectral regularizer's set, spec 5.4)."""
+        return [layer for layer in self._flatten_layers() if isinstance(layer, Conv2D)]
+
+    def batchnorm_layers(self):
+        return [layer for layer in self._flatten_layers() if isinstance(layer, BatchNorm)]
+
+    def get_config(self):
+        return {**super().get_config(), "config": self.config.to_dict()}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(NVAEConfig.from_dict(config.pop("config")), **config)
+
+
+def _images(decoder):
+    """Images from a decoder distribution: probabilities for Bernoulli, samples otherwise."""
+    if isinstance(decoder, CroppedBernoulli):
+        return decoder.mean()
+    return decoder.sample()

@@ -1,0 +1,51 @@
+"""Skip connections of the resolution-changing cells (spec 2.5)."""
+import keras
+import tensorflow as tf
+
+from nvae_tf.weight_norm import Conv2D
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class FactorizedReduce(keras.layers.Layer):
+    """Down-cell skip: Swish, then four 1x1 stride-2 convs on shifted views, concatenated.
+
+    The views are unshifted, shifted by one row and column, by one column, and by one row;
+    each conv gives ``filters // 4`` channels and the last one takes the remainder.
+    """
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        quarter = self.filters // 4
+        widths = [quarter, quarter, quarter, self.filters - 3 * quarter]
+        self.convs = [Conv2D(w, 1, strides=2, name=f"conv_{i}") for i, w in enumerate(widths)]
+
+    def call(self, x):
+        x = keras.activations.silu(x)
+        views = [x, x[:, 1:, 1:, :], x[:, :, 1:, :], x[:, 1:, :, :]]
+        return tf.concat([conv(v) for conv, v in zip(self.convs, views)], axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class UpSkip(keras.layers.Layer):
+    """Up-cell skip: bilinear x2 up-sampling with align_corners=True, then a 1x1 conv (no bias).
+
+    ``tf.image.resize`` has no align_corners mode, so the raw op is used.
+    """
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.conv = Conv2D(self.filters, 1, use_bias=False, name="conv")
+
+    def call(self, x):
+        size = tf.shape(x)[1:3] * 2
+        up = tf.raw_ops.ResizeBilinear(images=x, size=size, align_corners=True,
+                                       half_pixel_centers=False)
+        return self.conv(tf.cast(up, x.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}

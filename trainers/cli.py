@@ -1,0 +1,51 @@
+"""Shared command-line plumbing: config loading, quiet TensorFlow, one-line user errors."""
+import argparse
+import functools
+import os
+import sys
+
+
+def quiet_tensorflow():
+    """Silence TensorFlow's C++ start-up chatter before it is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line and exit status 2."""
+
+
+def entry_point(main):
+    """Run ``main`` turning user errors into ``error: ...`` on stderr and a non-zero exit."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        quiet_tensorflow()
+        from nvae_tf.config import ConfigError
+        from nvae_tf.data import DataError
+
+        try:
+            return main(argv)
+        except (UserError, ConfigError, DataError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper
+
+
+def add_config_args(parser):
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config field (repeatable)")
+
+
+def load_config(args):
+    from nvae_tf.config import NVAEConfig
+
+    return NVAEConfig.from_yaml(args.config).with_overrides(args.overrides)
+
+
+def parser(description):
+    return argparse.ArgumentParser(description=description)
