@@ -1,0 +1,82 @@
+"""Adamax as NVAE's ``thirdparty/adamax.py`` computes it (spec 5.7).
+
+Keras' ``Adamax`` differs in two ways that matter for matching the original's dynamics: it
+divides by ``u + eps`` (NVAE puts eps inside the max, ``u = max(b2*u, |g| + eps)``, with a large
+eps of 1e-3), and its ``weight_decay`` is decoupled (AdamW style), while NVAE adds an L2 term to
+the gradient before the moment updates. Hence this optimizer.
+"""
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class NVAEAdamax(keras.optimizers.Optimizer):
+    """Adamax with eps inside the max and coupled L2 weight decay on every variable.
+
+    Per variable ``p`` with gradient ``g`` at step ``t`` (1-based)::
+
+        g = g + l2_decay * p
+        m = b1 * m + (1 - b1) * g
+        u = max(b2 * u, |g| + eps)
+        p = p - lr / (1 - b1**t) * m / u
+
+    The decay covers all variables the optimizer is given (BN, biases, log-norms, ``h``), as in
+    the original. Clipping, EMA, loss-scale wrapping and schedules come from the Keras base
+    class; its own (decoupled) ``weight_decay`` is refused. Slots take the variable's dtype,
+    i.e. float32 under the ``mixed_float16`` policy, where Keras keeps variables in float32.
+
+    Args:
+      learning_rate: float or ``LearningRateSchedule`` (spec default 1e-2).
+      beta_1: first-moment decay.
+      beta_2: infinity-norm decay.
+      epsilon: added to ``|g|`` inside the max (PyTorch semantics, NVAE uses 1e-3).
+      l2_decay: coupled L2 coefficient (``--weight_decay``, default 3e-4).
+      **kwargs: base ``keras.optimizers.Optimizer`` arguments (``clipnorm``,
+        ``global_clipnorm``, ``use_ema``, ``ema_momentum``, ``name``, ...).
+    """
+
+    def __init__(self, learning_rate=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-3,
+                 l2_decay=3e-4, **kwargs):
+        if kwargs.pop("weight_decay", None) is not None:
+            raise ValueError("NVAEAdamax uses coupled L2 decay: pass `l2_decay`, not the base "
+                             "class's decoupled `weight_decay`.")
+        kwargs.setdefault("name", "nvae_adamax")
+        super().__init__(learning_rate=learning_rate, weight_decay=None, **kwargs)
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.l2_decay = l2_decay
+
+    def build(self, var_list):
+        """Create the first-moment ``m`` and infinity-norm ``u`` slots (zeros)."""
+        if self.built:
+            return
+        super().build(var_list)
+        self._m, self._u = self.add_optimizer_variables(var_list, ["momentum", "norm"])
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Apply the update rule of the class docstring to one variable."""
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        g = ops.cast(gradient, dtype)
+        if self.l2_decay:
+            g = ops.add(g, ops.multiply(ops.cast(self.l2_decay, dtype), variable))
+        b1 = ops.cast(self.beta_1, dtype)
+        b2 = ops.cast(self.beta_2, dtype)
+        t = ops.cast(self.iterations + 1, dtype)
+
+        index = self._get_variable_index(variable)
+        m = self._m[index]
+        u = self._u[index]
+        self.assign(m, ops.add(ops.multiply(b1, m), ops.multiply(1.0 - b1, g)))
+        self.assign(u, ops.maximum(ops.multiply(b2, u),
+                                   ops.add(ops.abs(g), ops.cast(self.epsilon, dtype))))
+        step_size = ops.divide(lr, ops.subtract(1.0, ops.power(b1, t)))
+        self.assign_sub(variable, ops.multiply(step_size, ops.divide(m, u)))
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("weight_decay", None)
+        config.update({"beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon,
+                       "l2_decay": self.l2_decay})
+        return config
