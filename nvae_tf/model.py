@@ -15,13 +15,18 @@ from nvae_tf.cells import DecoderCell, EncoderCell
 from nvae_tf.config import CHANNEL_MULT, NVAEConfig
 from nvae_tf.distributions import CroppedBernoulli, DiscretizedLogisticMixture
 from nvae_tf.latent_group import LatentGroup
-from nvae_tf.likelihood import importance_weighted
+from nvae_tf.guarded_optimizer import make_optimizer
+from nvae_tf.likelihood import bits_per_dim, importance_weighted
 from nvae_tf.normalization import BatchNorm
+from nvae_tf.objective import Objective
 from nvae_tf.recompute import recompute_cells, run_cells
+from nvae_tf.regularizers import SpectralRegularizer
 from nvae_tf.weight_norm import Conv2D
 
 tfd = tfp.distributions
 
+TRAIN_METRICS = ("loss", "nelbo", "bpd", "recon", "kl", "beta", "reg_weight", "spectral",
+                 "bn_penalty", "grad_norm")
 MNIST_CROP = 2  # 28x28 digits padded to 32x32; the likelihood is scored on the 28x28 crop
 
 
@@ -47,6 +52,9 @@ class NVAE(keras.Model):
         self.output_conv = Conv2D(c.decoder_channels, 3, name="output_conv")
         self.h = self.add_weight(name="h", shape=c.h_shape,
                                  initializer=keras.initializers.RandomUniform(0.0, 1.0))
+        self.spectral_regularizer = SpectralRegularizer(c.num_power_iter, name="spectral")
+        self._trackers = {name: keras.metrics.Mean(name=name) for name in TRAIN_METRICS}
+        self.objective = None  # set by compile()
         self.build((None, c.image_size, c.image_size, c.image_channels))
 
     # --- construction -------------------------------------------------------------------------
@@ -85,6 +93,7 @@ class NVAE(keras.Model):
     def build(self, input_shape):
         if not self.built:
             self.call(tf.zeros((1, *input_shape[1:])), training=False)
+            self.spectral_regularizer.build_for(self.conv_layers())
         super().build(input_shape)
 
     # --- forward ------------------------------------------------------------------------------
@@ -206,6 +215,54 @@ class NVAE(keras.Model):
             raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype.name}")
         return x
 
+    # --- training (spec 5) ----------------------------------------------------------------------
+    def compile(self, steps_per_epoch, optimizer=None, **kwargs):
+        """Prepare ``fit``: NVAE's guarded Adamax + schedule unless ``optimizer`` is given.
+
+        ``steps_per_epoch`` (per replica, as the original's loader length) sets the length of
+        the learning-rate and KL warm-up schedules: ``epochs * steps_per_epoch`` steps in all.
+        """
+        if optimizer is None:
+            optimizer = make_optimizer(self.config, steps_per_epoch)
+        super().compile(optimizer=optimizer, **kwargs)
+        self.objective = Objective(self.config, self.config.epochs * steps_per_epoch)
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    def train_step(self, data):
+        x = _images_of(data)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            out = self(x, training=True)
+            terms = self.objective(self, out, x, self.optimizer.iterations)
+            # Gradients are summed over replicas: each contributes its share of the mean.
+            scaled = self.optimizer.scale_loss(terms["loss"] / replicas)
+        grads = tape.gradient(scaled, self.trainable_variables)
+        # A non-finite loss must skip the step even if its gradients happen to be finite.
+        grads[0] = tf.where(tf.math.is_finite(terms["loss"]), grads[0], float("nan"))
+        scale = tf.cast(self.optimizer.scale_loss(1.0), tf.float32)
+        terms["grad_norm"] = tf.linalg.global_norm(grads) / scale * replicas
+        self.optimizer.apply(grads, self.trainable_variables)
+        terms["bpd"] = bits_per_dim(terms["nelbo"], self.config.num_output_dims)
+        return self._update_metrics(terms, skipped_steps=self.optimizer.skipped_steps,
+                                    consecutive_skips=self.optimizer.consecutive_skips)
+
+    def test_step(self, data):
+        x = _images_of(data)
+        out = self(x, training=False)
+        nelbo = tf.reduce_mean(-out["decoder"].log_prob(x) + tf.reduce_sum(out["kl"], axis=1))
+        return self._update_metrics({"nelbo": nelbo, "bpd": bits_per_dim(
+            nelbo, self.config.num_output_dims)})
+
+    def _update_metrics(self, terms, **extra):
+        for name, value in terms.items():
+            if name in self._trackers:
+                self._trackers[name].update_state(value)
+        logs = {name: self._trackers[name].result() for name in terms if name in self._trackers}
+        return {**logs, **extra}
+
     # --- parts used by the regularizers ---------------------------------------------------------
     def conv_layers(self):
         """Every conv of the model (the spectral regularizer's set, spec 5.4)."""
@@ -220,6 +277,11 @@ class NVAE(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(NVAEConfig.from_dict(config.pop("config")), **config)
+
+
+def _images_of(data):
+    """``fit`` may hand over images alone or (images, labels)."""
+    return data[0] if isinstance(data, (tuple, list)) else data
 
 
 def _images(decoder):

@@ -1,0 +1,72 @@
+"""An optimizer wrapper that skips non-finite steps on every replica, with optional loss scaling.
+
+Keras' ``LossScaleOptimizer`` already skips a step whose gradients are not finite, inside the
+distribution-safe control flow that ``tf.distribute`` needs. Two things are added:
+  * the finiteness test is all-reduced, so a NaN on any replica skips the step on all of them
+    (Keras tests each replica's local, not yet reduced, gradients);
+  * a fixed scale of 1 when dynamic scaling is off (float32 / bfloat16), where a skip must
+    not shrink the scale.
+It counts skipped steps (total and consecutive) so training can be stopped when stuck.
+"""
+import keras
+import tensorflow as tf
+
+from nvae_tf.optimizer import NVAEAdamax
+from nvae_tf.schedules import NVAELearningRate
+
+INITIAL_LOSS_SCALE = 2.0 ** 10  # the original's GradScaler(init_scale=2**10) (spec 5.9)
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class GuardedOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Wraps ``inner_optimizer``; ``dynamic=True`` for float16 dynamic loss scaling."""
+
+    def __init__(self, inner_optimizer, dynamic=False, initial_scale=INITIAL_LOSS_SCALE,
+                 dynamic_growth_steps=2000, **kwargs):
+        super().__init__(inner_optimizer, initial_scale=initial_scale if dynamic else 1.0,
+                         dynamic_growth_steps=dynamic_growth_steps, **kwargs)
+        self.dynamic = bool(dynamic)
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self.skipped_steps = self.add_variable((), initializer="zeros", dtype="int64",
+                                               name="skipped_steps")
+        self.consecutive_skips = self.add_variable((), initializer="zeros", dtype="int64",
+                                                   name="consecutive_skips")
+
+    def check_finite(self, grads):
+        finite = super().check_finite(grads)
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+            finite = tf.equal(bad, 0.0)
+        return finite
+
+    def _stateful_handle_finite_grads(self, grads, trainable_variables):
+        self.consecutive_skips.assign(0)
+        if self.dynamic:
+            return super()._stateful_handle_finite_grads(grads, trainable_variables)
+        self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
+
+    def _stateful_handle_non_finite_grads(self):
+        self.skipped_steps.assign_add(1)
+        self.consecutive_skips.assign_add(1)
+        if self.dynamic:
+            super()._stateful_handle_non_finite_grads()
+
+    def get_config(self):
+        return {**super().get_config(), "dynamic": self.dynamic}
+
+
+def make_optimizer(config, steps_per_epoch):
+    """NVAE's Adamax with warm-up + cosine learning rate (spec 5.7, 5.8), guarded."""
+    schedule = NVAELearningRate(config.learning_rate, config.learning_rate_min,
+                                config.warmup_epochs, config.epochs, steps_per_epoch)
+    inner = NVAEAdamax(learning_rate=schedule, epsilon=config.adamax_epsilon,
+                       l2_decay=config.weight_decay,
+                       global_clipnorm=config.grad_clip_norm or None,
+                       use_ema=config.ema_decay > 0,
+                       ema_momentum=config.ema_decay or 0.99)
+    return GuardedOptimizer(inner, dynamic=config.precision == "mixed_float16")
