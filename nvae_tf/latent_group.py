@@ -78,10 +78,13 @@ class LatentGroup(keras.layers.Layer):
         q = residual_normal(*prior_params, *delta) if self.residual_posterior else latent_normal(*delta)
         return q, latent_normal(*prior_params)
 
-    def call(self, s, encoder_feature, training=None):
-        """Posterior pass; returns the new decoder state and this group's statistics."""
+    def call(self, s, encoder_feature, seed, training=None):
+        """Posterior pass; returns the new decoder state and this group's statistics.
+
+        ``seed`` is a stateless seed (shape (2,) int32) for the posterior sample.
+        """
         q, prior = self.posterior(s, encoder_feature)
-        z = q.sample()
+        z = q.sample(seed=seed)
         log_q = q.log_prob(z)
         if self.flow is not None:
             # Flows are volume preserving (log-det 0) but subtracted for generality (spec 4).
@@ -100,9 +103,9 @@ class LatentGroup(keras.layers.Layer):
         }
         return self.decoder_combiner(s, z), stats
 
-    def sample(self, s, temperature=1.0):
-        """Generation pass: draw z from the prior at ``temperature``."""
-        z = self.prior(s, temperature).sample()
+    def sample(self, s, seed, temperature=1.0):
+        """Generation pass: draw z from the prior at ``temperature`` (stateless ``seed``)."""
+        z = self.prior(s, temperature).sample(seed=seed)
         return self.decoder_combiner(s, z)
 
     def _prior_params(self, s):

@@ -55,6 +55,9 @@ class NVAE(keras.Model):
         self.spectral_regularizer = SpectralRegularizer(c.num_power_iter, name="spectral")
         self._trackers = {name: keras.metrics.Mean(name=name) for name in TRAIN_METRICS}
         self.objective = None  # set by compile()
+        # All sampling noise comes from this generator (checkpointed: exact resume); inside a
+        # distribution strategy's scope each replica gets its own stream.
+        self.noise = tf.random.Generator.from_seed(c.seed)
         self.build((None, c.image_size, c.image_size, c.image_channels))
 
     # --- construction -------------------------------------------------------------------------
@@ -97,21 +100,24 @@ class NVAE(keras.Model):
         super().build(input_shape)
 
     # --- forward ------------------------------------------------------------------------------
-    def call(self, x, training=None):
+    def call(self, x, training=None, seed=None):
         """Posterior pass on images ``x`` in [0, 1], shape (B, H, W, C).
 
         Returns a dict: ``decoder`` (p(x|z), per-image ``log_prob``), ``logits`` (its raw
         parameters), ``kl`` (B, groups), ``log_q`` and ``log_p`` (B,) summed over all groups,
         ``kl_per_channel`` (groups, latent channels) averaged over the batch, and per-group
-        ``posterior_mean`` / ``posterior_stddev`` lists.
+        ``posterior_mean`` / ``posterior_stddev`` lists. ``seed`` (shape (2,) int32) makes the
+        posterior samples reproducible; by default they come from the model's generator.
         """
         x = self.check_images(x)
+        seed = self._seed(seed)
         features = self._bottom_up(x, training)
         s = self._initial_state(tf.shape(x)[0])
         stats = []
         for group in self.groups:
             s = self._run(group.cells, s, training)
-            s, group_stats = group(s, features[-1 - group.index], training=training)
+            s, group_stats = group(s, features[-1 - group.index], _fold(seed, group.index),
+                                   training=training)
             stats.append(group_stats)
         logits = self._top_down_output(s, training)
         return {
@@ -168,30 +174,42 @@ class NVAE(keras.Model):
 
     # --- generation and inference -------------------------------------------------------------
     def prior_decoder(self, num_samples, temperature=1.0, decoder_temperature=1.0,
-                      training=False):
+                      training=False, seed=None):
         """Walk the prior at latent ``temperature``; returns p(x | z) of the samples.
 
         ``training=True`` runs batch norm in training mode (BN re-adjustment, paper 4.2).
         """
+        seed = self._seed(seed)
         s = self._initial_state(num_samples)
         for group in self.groups:
             s = run_cells(group.cells, s, training=training)
-            s = group.sample(s, temperature)
+            s = group.sample(s, _fold(seed, group.index), temperature)
         return self.decoder_distribution(self._top_down_output(s, training), decoder_temperature)
 
-    def sample(self, num_samples, temperature=1.0, decoder_temperature=1.0, training=False):
+    def sample(self, num_samples, temperature=1.0, decoder_temperature=1.0, training=False,
+               seed=None):
         """Images in [0, 1]: Bernoulli means for binary data, mixture samples for colour."""
-        decoder = self.prior_decoder(num_samples, temperature, decoder_temperature, training)
-        return _images(decoder)
+        seed = self._seed(seed)
+        decoder = self.prior_decoder(num_samples, temperature, decoder_temperature, training,
+                                     seed=seed)
+        return _images(decoder, _fold(seed, -1))
 
-    def encode(self, x):
+    def encode(self, x, seed=None):
         """Per-group posterior (means, stddevs), top group first, from one posterior pass."""
-        out = self(x, training=False)
+        out = self(x, training=False, seed=seed)
         return out["posterior_mean"], out["posterior_stddev"]
 
-    def reconstruct(self, x):
+    def reconstruct(self, x, seed=None):
         """Decode the posterior sample of ``x`` (Bernoulli means / mixture samples)."""
-        return _images(self(x, training=False)["decoder"])
+        seed = self._seed(seed)
+        return _images(self(x, training=False, seed=seed)["decoder"], _fold(seed, -1))
+
+    def _seed(self, seed):
+        """A stateless seed: the given one, or the next from the model's generator."""
+        if seed is None:
+            return self.noise.make_seeds(1)[:, 0]
+        seed = tf.convert_to_tensor(seed, tf.int64)
+        return seed if seed.shape.rank == 1 else tf.stack([seed, tf.zeros_like(seed)])
 
     @tf.function(reduce_retracing=True)
     def log_likelihood(self, x, num_samples=1000, max_images_per_pass=256):
@@ -284,8 +302,13 @@ def _images_of(data):
     return data[0] if isinstance(data, (tuple, list)) else data
 
 
-def _images(decoder):
+def _fold(seed, index):
+    """An independent stateless seed per latent group (or -1 for the decoder)."""
+    return tf.random.experimental.stateless_fold_in(seed, index)
+
+
+def _images(decoder, seed):
     """Images from a decoder distribution: probabilities for Bernoulli, samples otherwise."""
     if isinstance(decoder, CroppedBernoulli):
         return decoder.mean()
-    return decoder.sample()
+    return decoder.sample(seed=seed)
