@@ -13,10 +13,11 @@ from nvae_tf.combiners import DecoderCombiner, EncoderCombiner
 from nvae_tf.distributions import latent_normal, residual_normal, top_prior
 from nvae_tf.flows import PosteriorFlow
 from nvae_tf.weight_norm import Conv2D
+from nvae_tf.tracking import CheckpointListsMixin
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
-class LatentGroup(keras.layers.Layer):
+class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
     """Args:
       index: position in top-down order (0 = top group).
       upsample: the group starts a new scale (an up cell precedes its cells).

@@ -22,6 +22,7 @@ from nvae_tf.objective import Objective
 from nvae_tf.recompute import recompute_cells, run_cells
 from nvae_tf.regularizers import SpectralRegularizer
 from nvae_tf.weight_norm import Conv2D
+from nvae_tf.tracking import CheckpointListsMixin
 
 tfd = tfp.distributions
 
@@ -31,7 +32,7 @@ MNIST_CROP = 2  # 28x28 digits padded to 32x32; the likelihood is scored on the 
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
-class NVAE(keras.Model):
+class NVAE(CheckpointListsMixin, keras.Model):
     """Nouveau VAE. ``NVAE(config)`` builds every variable at construction (batch of one)."""
 
     def __init__(self, config, **kwargs):

@@ -3,10 +3,11 @@ import keras
 import tensorflow as tf
 
 from nvae_tf.weight_norm import Conv2D
+from nvae_tf.tracking import CheckpointListsMixin
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
-class FactorizedReduce(keras.layers.Layer):
+class FactorizedReduce(CheckpointListsMixin, keras.layers.Layer):
     """Down-cell skip: Swish, then four 1x1 stride-2 convs on shifted views, concatenated.
 
     The views are unshifted, shifted by one row and column, by one column, and by one row;

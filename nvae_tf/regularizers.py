@@ -1,0 +1,135 @@
+"""NVAE's weight regularizers: spectral regularization (spec 5.4) and BN scale (spec 5.5).
+
+``SpectralRegularizer`` estimates the largest singular value of every conv kernel matrix by
+power iteration and returns their sum; its left/right vectors are non-trainable variables of a
+Keras layer so that they are tracked by the model and saved in checkpoints (the original kept
+them outside its state dict; restoring them only spares the 40-iteration warm start).
+
+Distribution: ``u``, ``v`` and the ``initialized`` flag are ``ON_READ`` variables with
+``ONLY_FIRST_REPLICA`` aggregation. Each replica updates its own copy with plain ``assign``
+(no cross-replica communication); the copies stay identical because the kernels are mirrored,
+and a read in cross-replica context (checkpointing) takes replica 0's value.
+"""
+import keras
+import tensorflow as tf
+
+_NORMALIZE_EPS = 1e-3  # F.normalize(eps=1e-3) in the original
+
+
+def _normalize(x):
+    return x / tf.maximum(tf.norm(x, axis=-1, keepdims=True), _NORMALIZE_EPS)
+
+
+class _Refs:
+    """Holds the conv layers without letting Keras or tf.train track them a second time."""
+
+    def __init__(self, items):
+        self.items = tuple(items)
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class SpectralRegularizer(keras.layers.Layer):
+    """``SR = sum over conv layers of sigma_max(W)``, by batched power iteration.
+
+    Construct empty, then ``build_for(conv_layers)`` once the layers are built. Every call runs
+    ``num_power_iter`` iterations (``10 * num_power_iter`` on the first call), updates ``u``/``v``
+    in place and returns ``sum u^T W v`` (float32) with the gradient flowing into the kernels only.
+
+    Args:
+      num_power_iter: power iterations per call after the first (4 in NVAE).
+    """
+
+    def __init__(self, num_power_iter=4, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # read kernels in float32 under mixed precision
+        super().__init__(**kwargs)
+        if int(num_power_iter) < 1:
+            raise ValueError(f"num_power_iter must be >= 1, got {num_power_iter}")
+        self.num_power_iter = int(num_power_iter)
+        self._convs = _Refs(())
+        self._groups = ()
+        self._group_names = ()
+
+    def build(self, input_shape=None):
+        raise ValueError("SpectralRegularizer is built with build_for(conv_layers)")
+
+    def build_for(self, conv_layers):
+        """Create one (u, v) pair of stacked vectors per distinct kernel-matrix shape.
+
+        Args:
+          conv_layers: built layers with ``kernel_matrix()`` returning a (rows, cols) matrix.
+        """
+        if self.built:
+            raise ValueError("SpectralRegularizer.build_for was already called")
+        conv_layers = tuple(conv_layers)
+        if not conv_layers:
+            raise ValueError("SpectralRegularizer needs at least one conv layer")
+        groups = {}  # shape -> layer indices, in first-occurrence order
+        for i, layer in enumerate(conv_layers):
+            if not layer.built:
+                raise ValueError(f"layer {layer.name} must be built before build_for")
+            groups.setdefault(tuple(layer.kernel_matrix().shape), []).append(i)
+        self._convs = _Refs(conv_layers)
+        self._groups = tuple(tuple(idx) for idx in groups.values())
+        # Attributes named by shape, not lists: Keras 3 wraps lists in a TrackedList that
+        # tf.train.Checkpoint does not follow.
+        self._group_names = tuple(f"{rows}x{cols}" for rows, cols in groups)
+        with keras.name_scope(self.name, caller=self):
+            for name, ((rows, cols), idx) in zip(self._group_names, groups.items()):
+                setattr(self, f"u_{name}", self._state(f"u_{name}", (len(idx), rows)))
+                setattr(self, f"v_{name}", self._state(f"v_{name}", (len(idx), cols)))
+            self.initialized = self._state("initialized", (), "zeros", dtype="bool")
+        self.built = True
+
+    @property
+    def u_vars(self):
+        """Left singular vector estimates, one (layers, rows) variable per shape group."""
+        return [getattr(self, f"u_{name}") for name in self._group_names]
+
+    @property
+    def v_vars(self):
+        """Right singular vector estimates, one (layers, cols) variable per shape group."""
+        return [getattr(self, f"v_{name}") for name in self._group_names]
+
+    @staticmethod
+    def _state(name, shape, initializer="random_normal", dtype="float32"):
+        return keras.Variable(keras.initializers.get(initializer), shape=shape, dtype=dtype,
+                              trainable=False, autocast=False, synchronization="on_read",
+                              aggregation="only_first_replica", name=name)
+
+    def __call__(self):
+        # Keras' Layer.__call__ insists on one argument; pass a placeholder None so the call
+        # still gets Keras' scoping (float32 autocast scope under a mixed-precision model).
+        return super().__call__(None)
+
+    def call(self, _unused):
+        iters = tf.where(tf.convert_to_tensor(self.initialized), self.num_power_iter,
+                         10 * self.num_power_iter)
+        total = tf.constant(0.0, tf.float32)
+        for idx, u_var, v_var in zip(self._groups, self.u_vars, self.v_vars):
+            w = tf.stack([tf.cast(self._convs.items[i].kernel_matrix(), tf.float32) for i in idx])
+            w_const = tf.stop_gradient(w)
+
+            def step(i, u, v, w_const=w_const):
+                v = _normalize(tf.linalg.matvec(w_const, u, transpose_a=True))
+                u = _normalize(tf.linalg.matvec(w_const, v))
+                return i + 1, u, v
+
+            _, u, v = tf.while_loop(lambda i, u, v: i < iters, step,
+                                    (tf.constant(0), tf.convert_to_tensor(u_var),
+                                     tf.convert_to_tensor(v_var)))
+            u_var.assign(u)
+            v_var.assign(v)
+            u, v = tf.stop_gradient(u), tf.stop_gradient(v)
+            total += tf.reduce_sum(u * tf.linalg.matvec(w, v))
+        self.initialized.assign(True)
+        return total
+
+    def get_config(self):
+        return {**super().get_config(), "num_power_iter": self.num_power_iter}
+
+
+def batchnorm_penalty(bn_layers):
+    """``sum over BN layers of max_c |gamma_c|`` (float32); layers without a scale are skipped."""
+    terms = [tf.reduce_max(tf.abs(tf.cast(layer.gamma, tf.float32)))
+             for layer in bn_layers if getattr(layer, "gamma", None) is not None]
+    return tf.add_n(terms) if terms else tf.constant(0.0, tf.float32)
