@@ -41,6 +41,11 @@ class NVAEConfig:
     image_size: int = 32
     image_channels: int = 1
     num_x_bits: int = 1  # 1 = binarized (Bernoulli decoder); 8 or 5 for colour sets
+    random_flip: bool = True  # random horizontal flips of training images (never MNIST), as the original
+    test_fraction: float = 0.1  # share held out of a folder/TFRecord set that has no train/test sub-folders
+    skip_bad_files: bool = False  # skip (and count) unreadable or mis-shaped images instead of failing
+    deterministic_data: bool = True  # fixed element order, so a checkpointed data iterator resumes exactly
+    shuffle_buffer: int = 10000  # streamed sets (TFDS, TFRecord); in-memory sets and folders shuffle fully
     # --- architecture (spec 1.7) ------------------------------------------------------------
     num_channels_enc: int = 32
     num_channels_dec: int = 32
@@ -208,6 +213,8 @@ class NVAEConfig:
                  f"num_x_bits must be between 2 and 8 for the logistic_mixture decoder, got {self.num_x_bits}")
             need(self.num_mixture_dec >= 1, f"num_mixture_dec must be >= 1, got {self.num_mixture_dec}")
         need(self.image_channels in (1, 3), f"image_channels must be 1 or 3, got {self.image_channels}")
+        need(0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        need(self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         for name in ("num_channels_enc", "num_channels_dec", "num_latent_scales",
                      "num_groups_per_scale", "min_groups_per_scale", "num_latent_per_group",
                      "num_preprocess_cells", "num_postprocess_cells", "num_cell_per_cond_enc",

@@ -66,10 +66,13 @@ class Conv2D(keras.layers.Layer):
             shape, fan_in = (k, k, cin, self.filters), cin * k * k
         self.in_channels = cin
         self._mask = self.kernel_mask(cin)
-        self.kernel = self.add_weight(name="kernel", shape=shape, initializer=torch_uniform(fan_in))
+        # autocast=False: under mixed precision the weight norm runs in float32 (as the
+        # original) and only the effective kernel is cast to the compute dtype.
+        self.kernel = self.add_weight(name="kernel", shape=shape, initializer=torch_uniform(fan_in),
+                                      autocast=False)
         if self.weight_norm:
             self.log_g = self.add_weight(name="log_g", shape=(self.filters,),
-                                         initializer=self._initial_log_g)
+                                         initializer=self._initial_log_g, autocast=False)
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(self.filters,),
                                         initializer=torch_uniform(fan_in))
