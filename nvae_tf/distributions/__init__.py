@@ -8,10 +8,10 @@ from nvae_tf.distributions.latent_normal import top_prior
 from nvae_tf.distributions.logistic_mixture import DiscretizedLogisticMixture
 
 __all__ = [
-    'CroppedBernoulli',
-    'DiscretizedLogisticMixture',
-    'latent_normal',
-    'residual_normal',
-    'soft_clamp',
-    'top_prior',
+    "CroppedBernoulli",
+    "DiscretizedLogisticMixture",
+    "latent_normal",
+    "residual_normal",
+    "soft_clamp",
+    "top_prior",
 ]
