@@ -14,6 +14,9 @@ class EncoderCombiner(keras.layers.Layer):
         self.filters = int(filters)
         self.conv = Conv2D(self.filters, 1, name="conv")
 
+    def build(self, encoder_feature_shape, decoder_state_shape):
+        self.conv.build(decoder_state_shape)
+
     def call(self, encoder_feature, decoder_state):
         return encoder_feature + self.conv(decoder_state)
 
@@ -32,6 +35,9 @@ class DecoderCombiner(keras.layers.Layer):
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.conv = Conv2D(self.filters, 1, name="conv")
+
+    def build(self, decoder_state_shape, z_shape):
+        self.conv.build((*decoder_state_shape[:-1], decoder_state_shape[-1] + z_shape[-1]))
 
     def call(self, decoder_state, z):
         return self.conv(tf.concat([decoder_state, tf.cast(z, decoder_state.dtype)], axis=-1))

@@ -112,6 +112,9 @@ class AutoregressiveShift(keras.layers.Layer):
     """
 
     def __init__(self, channels=20, expansion=6, mirror=False, **kwargs):
+        # z stays float32 under mixed precision (as the original); only mu runs in the
+        # compute dtype.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.channels = int(channels)
         self.expansion = int(expansion)
@@ -134,7 +137,7 @@ class AutoregressiveShift(keras.layers.Layer):
 
     def shift(self, z):
         """The autoregressive shift ``mu(z)``."""
-        s = tf.nn.elu(self.conv_in(z))
+        s = tf.nn.elu(self.conv_in(tf.cast(z, self.compute_dtype)))
         s = tf.nn.elu(self.conv_dw(s))
         # The mu head applies ELU once more: a double ELU in a row, a known quirk of the
         # original (issue #25) kept there, and here, so the architecture matches its checkpoints.
@@ -219,6 +222,7 @@ class PosteriorFlow(keras.layers.Layer):
     """
 
     def __init__(self, num_pairs, channels=20, expansion=6, **kwargs):
+        kwargs.setdefault("autocast", False)  # keep z in float32 (see AutoregressiveShift)
         super().__init__(**kwargs)
         self.num_pairs = int(num_pairs)
         self.channels = int(channels)

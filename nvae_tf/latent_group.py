@@ -12,8 +12,8 @@ from nvae_tf.cells import DecoderCell
 from nvae_tf.combiners import DecoderCombiner, EncoderCombiner
 from nvae_tf.distributions import latent_normal, residual_normal, top_prior
 from nvae_tf.flows import PosteriorFlow
-from nvae_tf.weight_norm import Conv2D
 from nvae_tf.tracking import CheckpointListsMixin
+from nvae_tf.weight_norm import Conv2D
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
@@ -87,16 +87,25 @@ class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
         q, prior = self.posterior(s, encoder_feature)
         z = q.sample(seed=seed)
         log_q = q.log_prob(z)
+        log_det = None
         if self.flow is not None:
             # Flows are volume preserving (log-det 0) but subtracted for generality (spec 4).
+            # The flow returns a per-sample (B,) log-det, and its output in the layer's compute
+            # dtype: the distributions work in float32.
             z, log_det = self.flow(z)
-            log_q -= log_det
+            z = tf.cast(z, tf.float32)
+            log_det = tf.cast(log_det, tf.float32)
         log_p = prior.log_prob(z)
         # With flows the KL is the single-sample estimate; without, analytic (spec 3.3).
         kl = log_q - log_p if self.flow is not None else q.kl_divergence(prior)
+        log_q_sum = tf.reduce_sum(log_q, axis=[1, 2, 3])
+        kl_sum = tf.reduce_sum(kl, axis=[1, 2, 3])
+        if log_det is not None:
+            log_q_sum -= log_det
+            kl_sum -= log_det
         stats = {
-            "kl": tf.reduce_sum(kl, axis=[1, 2, 3]),
-            "log_q": tf.reduce_sum(log_q, axis=[1, 2, 3]),
+            "kl": kl_sum,
+            "log_q": log_q_sum,
             "log_p": tf.reduce_sum(log_p, axis=[1, 2, 3]),
             "kl_per_channel": tf.reduce_mean(tf.reduce_sum(kl, axis=[1, 2]), axis=0),
             "posterior_mean": q.mean(),

@@ -14,15 +14,15 @@ import tensorflow_probability as tfp
 from nvae_tf.cells import DecoderCell, EncoderCell
 from nvae_tf.config import CHANNEL_MULT, NVAEConfig
 from nvae_tf.distributions import CroppedBernoulli, DiscretizedLogisticMixture
-from nvae_tf.latent_group import LatentGroup
 from nvae_tf.guarded_optimizer import make_optimizer
+from nvae_tf.latent_group import LatentGroup
 from nvae_tf.likelihood import bits_per_dim, importance_weighted
 from nvae_tf.normalization import BatchNorm
 from nvae_tf.objective import Objective
 from nvae_tf.recompute import recompute_cells, run_cells
 from nvae_tf.regularizers import SpectralRegularizer
-from nvae_tf.weight_norm import Conv2D
 from nvae_tf.tracking import CheckpointListsMixin
+from nvae_tf.weight_norm import Conv2D
 
 tfd = tfp.distributions
 
@@ -101,6 +101,10 @@ class NVAE(CheckpointListsMixin, keras.Model):
         super().build(input_shape)
 
     # --- forward ------------------------------------------------------------------------------
+    def __call__(self, x, *args, **kwargs):
+        # Validate before Keras wraps call() errors in a multi-line report.
+        return super().__call__(self.check_images(x), *args, **kwargs)
+
     def call(self, x, training=None, seed=None):
         """Posterior pass on images ``x`` in [0, 1], shape (B, H, W, C).
 
@@ -175,16 +179,21 @@ class NVAE(CheckpointListsMixin, keras.Model):
 
     # --- generation and inference -------------------------------------------------------------
     def prior_decoder(self, num_samples, temperature=1.0, decoder_temperature=1.0,
-                      training=False, seed=None):
+                      training=False, seed=None, num_fixed_groups=0, fixed_seed=None):
         """Walk the prior at latent ``temperature``; returns p(x | z) of the samples.
 
         ``training=True`` runs batch norm in training mode (BN re-adjustment, paper 4.2).
+        The first ``num_fixed_groups`` groups draw their z from ``fixed_seed`` instead of
+        ``seed``: calls that share ``fixed_seed`` and ``num_samples`` share those z sample by
+        sample while the lower groups vary with ``seed`` (paper Fig. 12).
         """
         seed = self._seed(seed)
+        fixed_seed = self._seed(fixed_seed) if num_fixed_groups else seed
         s = self._initial_state(num_samples)
         for group in self.groups:
             s = run_cells(group.cells, s, training=training)
-            s = group.sample(s, _fold(seed, group.index), temperature)
+            group_seed = fixed_seed if group.index < num_fixed_groups else seed
+            s = group.sample(s, _fold(group_seed, group.index), temperature)
         return self.decoder_distribution(self._top_down_output(s, training), decoder_temperature)
 
     def sample(self, num_samples, temperature=1.0, decoder_temperature=1.0, training=False,
@@ -209,18 +218,18 @@ class NVAE(CheckpointListsMixin, keras.Model):
         """A stateless seed: the given one, or the next from the model's generator."""
         if seed is None:
             return self.noise.make_seeds(1)[:, 0]
-        seed = tf.convert_to_tensor(seed, tf.int64)
+        seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)  # int32 tensors too
         return seed if seed.shape.rank == 1 else tf.stack([seed, tf.zeros_like(seed)])
 
     @tf.function(reduce_retracing=True)
-    def log_likelihood(self, x, num_samples=1000, max_images_per_pass=256):
+    def log_likelihood(self, x, num_samples=1000, max_images_per_pass=256, seed=None):
         """Importance-weighted log p(x) per image in nats, from ``num_samples`` samples."""
-        return importance_weighted(self, x, num_samples, max_images_per_pass)[0]
+        return importance_weighted(self, x, num_samples, max_images_per_pass, seed)[0]
 
     @tf.function(reduce_retracing=True)
-    def elbo(self, x, num_samples=1):
+    def elbo(self, x, num_samples=1, seed=None):
         """Evidence lower bound per image in nats, averaged over ``num_samples`` samples."""
-        return importance_weighted(self, x, num_samples)[1]
+        return importance_weighted(self, x, num_samples, seed=seed)[1]
 
     def check_images(self, x):
         """Validate an image batch against the config; one-line ValueError otherwise."""
@@ -295,6 +304,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
 
     @classmethod
     def from_config(cls, config):
+        config = dict(config)
         return cls(NVAEConfig.from_dict(config.pop("config")), **config)
 
 

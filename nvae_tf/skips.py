@@ -2,8 +2,8 @@
 import keras
 import tensorflow as tf
 
-from nvae_tf.weight_norm import Conv2D
 from nvae_tf.tracking import CheckpointListsMixin
+from nvae_tf.weight_norm import Conv2D
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
@@ -20,6 +20,10 @@ class FactorizedReduce(CheckpointListsMixin, keras.layers.Layer):
         quarter = self.filters // 4
         widths = [quarter, quarter, quarter, self.filters - 3 * quarter]
         self.convs = [Conv2D(w, 1, strides=2, name=f"conv_{i}") for i, w in enumerate(widths)]
+
+    def build(self, input_shape):
+        for conv in self.convs:  # 1x1 kernels: only the input channels matter
+            conv.build(input_shape)
 
     def call(self, x):
         x = keras.activations.silu(x)
@@ -41,6 +45,9 @@ class UpSkip(keras.layers.Layer):
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.conv = Conv2D(self.filters, 1, use_bias=False, name="conv")
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)  # 1x1 kernel: only the input channels matter
 
     def call(self, x):
         size = tf.shape(x)[1:3] * 2

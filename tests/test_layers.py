@@ -1,0 +1,450 @@
+"""The building blocks against the reference rules of spec 2 (cells, WN conv, BN, SE, skips)."""
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import tiny_config
+
+from nvae_tf.cells import DecoderCell, EncoderCell
+from nvae_tf.combiners import DecoderCombiner, EncoderCombiner
+from nvae_tf.latent_group import LatentGroup
+from nvae_tf.model import NVAE
+from nvae_tf.normalization import BatchNorm, BNSwish
+from nvae_tf.recompute import run_cells
+from nvae_tf.skips import FactorizedReduce, UpSkip
+from nvae_tf.squeeze_excitation import SqueezeExcitation
+from nvae_tf.weight_norm import Conv2D
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+RNG = np.random.default_rng(1234)
+
+
+def randn(*shape):
+    return tf.constant(RNG.standard_normal(shape).astype("float32"))
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def torch_layout(kernel, depthwise=False):
+    """TF kernel (kh, kw, Cin, Cout) / depthwise (kh, kw, C, 1) -> PyTorch (Cout, Cin/g, kh, kw)."""
+    kernel = np.asarray(kernel)
+    if depthwise:
+        return np.transpose(kernel, (2, 3, 0, 1))
+    return np.transpose(kernel, (3, 2, 0, 1))
+
+
+# ---------------------------------------------------------------------------- get_config round trip
+
+def fixed(*shape):
+    """The same pseudo-random tensor for the same shape (inputs must repeat across calls)."""
+    return tf.constant(np.random.default_rng(sum(shape)).standard_normal(shape).astype("float32"))
+
+
+def _seed():
+    return tf.constant([3, 4], tf.int32)
+
+
+def _group_call(group, s, feature):
+    s = run_cells(group.cells, s, training=False)
+    return group(s, feature, _seed(), training=False)[0]
+
+
+LAYER_CASES = {
+    "conv_wn_stride2": (lambda: Conv2D(8, 3, strides=2, name="c"),
+                        lambda l: l(fixed(2, 8, 8, 4))),
+    "conv_depthwise_plain": (lambda: Conv2D(6, 5, use_bias=False, weight_norm=False,
+                                            depthwise=True),
+                             lambda l: l(fixed(2, 8, 8, 6))),
+    "conv_log_g_offset": (lambda: Conv2D(4, 1, log_g_offset=-math.log(10.0)),
+                          lambda l: l(fixed(2, 4, 4, 3))),
+    "batchnorm": (lambda: BatchNorm(), lambda l: l(fixed(2, 4, 4, 5), training=False)),
+    "bn_swish": (lambda: BNSwish(), lambda l: l(fixed(2, 4, 4, 5), training=False)),
+    "squeeze_excitation": (lambda: SqueezeExcitation(), lambda l: l(fixed(2, 4, 4, 80))),
+    "factorized_reduce": (lambda: FactorizedReduce(10), lambda l: l(fixed(2, 8, 8, 5))),
+    "up_skip": (lambda: UpSkip(4), lambda l: l(fixed(2, 4, 4, 8))),
+    "encoder_cell": (lambda: EncoderCell(), lambda l: l(fixed(2, 8, 8, 4), training=False)),
+    "encoder_cell_down": (lambda: EncoderCell(downsample=True, use_se=False),
+                          lambda l: l(fixed(2, 8, 8, 4), training=False)),
+    "decoder_cell": (lambda: DecoderCell(3), lambda l: l(fixed(2, 4, 4, 8), training=False)),
+    "decoder_cell_up": (lambda: DecoderCell(6, upsample=True),
+                        lambda l: l(fixed(2, 4, 4, 8), training=False)),
+    "encoder_combiner": (lambda: EncoderCombiner(6),
+                         lambda l: l(fixed(2, 4, 4, 6), fixed(2, 4, 4, 8))),
+    "decoder_combiner": (lambda: DecoderCombiner(8),
+                         lambda l: l(fixed(2, 4, 4, 8), fixed(2, 4, 4, 20))),
+    "latent_group_top": (lambda: LatentGroup(0, False, 0, 8, 8, latent_channels=5),
+                         lambda l: _group_call(l, fixed(2, 4, 4, 8), fixed(2, 4, 4, 8))),
+    "latent_group_up_flow": (lambda: LatentGroup(1, True, 1, 8, 6, latent_channels=5,
+                                                 num_flows=1, residual_posterior=True),
+                             lambda l: _group_call(l, fixed(2, 4, 4, 16), fixed(2, 8, 8, 6))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_layer_get_config_from_config_round_trip(case):
+    make, call = LAYER_CASES[case]
+    layer = make()
+    expected = call(layer)
+    config = layer.get_config()
+
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+    call(clone)  # builds the same variables
+    assert [tuple(v.shape) for v in clone.weights] == [tuple(v.shape) for v in layer.weights]
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_allclose(call(clone), expected, rtol=1e-6, atol=1e-6)
+
+    # Registered for Keras serialization (package nvae_tf), so saved models reload them.
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(revived) is type(layer) and revived.get_config() == config
+
+
+def test_model_get_config_from_config_round_trip(bernoulli_model):
+    model = bernoulli_model
+    config = model.get_config()
+    clone = NVAE.from_config(dict(config))
+    assert clone.config == model.config
+    assert clone.get_config()["config"] == config["config"]
+    assert [tuple(v.shape) for v in clone.weights] == [tuple(v.shape) for v in model.weights]
+    clone.set_weights(model.get_weights())
+    x = tf.zeros((2, 32, 32, 1))
+    a = model(x, training=False, seed=[5, 6])
+    b = clone(x, training=False, seed=[5, 6])
+    np.testing.assert_allclose(a["kl"], b["kl"], rtol=1e-6)
+    np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-6, atol=1e-6)
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    assert isinstance(revived, NVAE) and revived.config == model.config
+
+
+# ----------------------------------------------------------------------------- weight norm (2.7)
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_weight_norm_effective_kernel_starts_at_raw_kernel(depthwise):
+    conv = Conv2D(6, 3 if not depthwise else 5, depthwise=depthwise)
+    conv(randn(1, 6, 6, 6))
+    v = torch_layout(conv.kernel.numpy(), depthwise)
+    w = torch_layout(conv.effective_kernel().numpy(), depthwise)
+    norm = np.sqrt((v ** 2).sum(axis=(1, 2, 3), keepdims=True))
+    # log_g = log(||v|| + 0.01): effective = v * (||v|| + 0.01) / (||v|| + 1e-5).
+    np.testing.assert_allclose(np.exp(conv.log_g.numpy()), norm.ravel() + 0.01, rtol=1e-5)
+    np.testing.assert_allclose(w, v * (norm + 0.01) / (norm + 1e-5), rtol=1e-5, atol=1e-7)
+    assert np.all(np.abs(w - v) <= 0.03 * np.abs(v) + 1e-7)
+    # PyTorch default init: U(+-1/sqrt(fan_in)) for kernel and bias.
+    fan_in = v[0].size
+    assert np.abs(v).max() <= 1 / math.sqrt(fan_in)
+    assert np.abs(conv.bias.numpy()).max() <= 1 / math.sqrt(fan_in)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_weight_norm_per_output_channel_norm_is_exp_log_g(depthwise):
+    conv = Conv2D(6, 3, depthwise=depthwise)
+    conv(randn(1, 6, 6, 6))
+    conv.kernel.assign(randn(*conv.kernel.shape) * 3.0)
+    log_g = RNG.uniform(-2, 2, 6).astype("float32")
+    conv.log_g.assign(log_g)
+    v = torch_layout(conv.kernel.numpy(), depthwise)
+    w = torch_layout(conv.effective_kernel().numpy(), depthwise)
+    v_norm = np.sqrt((v ** 2).sum(axis=(1, 2, 3)))
+    w_norm = np.sqrt((w ** 2).sum(axis=(1, 2, 3)))
+    np.testing.assert_allclose(w_norm, np.exp(log_g) * v_norm / (v_norm + 1e-5), rtol=1e-5)
+    np.testing.assert_allclose(w_norm, np.exp(log_g), rtol=1e-4)
+    # Direction unchanged: w is a positive multiple of v per output channel.
+    np.testing.assert_allclose(w / w_norm[:, None, None, None], v / v_norm[:, None, None, None],
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_plain_conv_uses_raw_kernel():
+    conv = Conv2D(4, 1, use_bias=False, weight_norm=False)
+    conv(randn(1, 4, 4, 3))
+    assert [w.name for w in conv.weights] == ["kernel"]
+    np.testing.assert_array_equal(conv.effective_kernel(), conv.kernel.numpy())
+
+
+def test_kernel_matrix_is_torch_flattening():
+    conv = Conv2D(5, 3)
+    conv(randn(1, 6, 6, 4))
+    expected = torch_layout(conv.effective_kernel().numpy()).reshape(5, -1)
+    # Rows per output channel; the same singular values whatever the column order.
+    got = conv.kernel_matrix().numpy()
+    assert got.shape == (5, 4 * 9)
+    np.testing.assert_allclose(np.linalg.svd(got, compute_uv=False),
+                               np.linalg.svd(expected, compute_uv=False), rtol=1e-5)
+    dw = Conv2D(6, 5, depthwise=True, use_bias=False, weight_norm=False)
+    dw(randn(1, 6, 6, 6))
+    assert dw.kernel_matrix().shape == (6, 25)
+
+
+def test_conv_argument_errors():
+    with pytest.raises(ValueError, match="odd"):
+        Conv2D(4, 2)
+    with pytest.raises(ValueError, match="strides"):
+        Conv2D(4, 3, strides=3)
+    with pytest.raises(ValueError, match="depthwise"):
+        Conv2D(4, 3, depthwise=True)(randn(1, 4, 4, 3))
+
+
+# ----------------------------------------------------------------------------- padding (2.9)
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_stride2_conv_pads_symmetrically_like_pytorch(size):
+    conv = Conv2D(5, 3, strides=2)
+    x = randn(2, size, size, 3)
+    y = conv(x).numpy()
+    padded = np.pad(x.numpy(), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    reference = tf.nn.conv2d(padded, conv.effective_kernel(), 2, "VALID").numpy()
+    reference += conv.bias.numpy()
+    expected_size = (size + 2 - 3) // 2 + 1  # PyTorch's output size
+    assert y.shape == (2, expected_size, expected_size, 5)
+    assert conv.compute_output_shape((2, size, size, 3)) == (2, expected_size, expected_size, 5)
+    np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-5)
+    same = tf.nn.conv2d(x, conv.effective_kernel(), 2, "SAME").numpy() + conv.bias.numpy()
+    if size % 2 == 0:  # TF 'SAME' pads bottom/right only on even inputs: another grid
+        assert np.abs(same - y).max() > 1e-2
+    else:
+        np.testing.assert_allclose(same, y, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_5x5_pads_two_each_side():
+    conv = Conv2D(6, 5, use_bias=False, weight_norm=False, depthwise=True)
+    x = randn(2, 6, 6, 6)
+    y = conv(x)
+    padded = np.pad(x.numpy(), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    reference = tf.nn.depthwise_conv2d(padded, conv.effective_kernel(), (1, 1, 1, 1), "VALID")
+    np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- SE (2.6)
+
+@pytest.mark.parametrize("channels, hidden", [(4, 4), (8, 4), (64, 4), (80, 5), (128, 8),
+                                              (256, 16), (960, 60)])
+def test_se_hidden_width(channels, hidden):
+    se = SqueezeExcitation()
+    se.build((None, 2, 2, channels))
+    assert tuple(se.squeeze.kernel.shape) == (channels, hidden)
+    assert tuple(se.excite.kernel.shape) == (hidden, channels)
+    assert se.squeeze.use_bias and se.excite.use_bias
+
+
+def test_se_is_gap_relu_sigmoid_gate():
+    se = SqueezeExcitation()
+    x = randn(2, 3, 3, 32)
+    y = se(x).numpy()
+    pooled = x.numpy().mean(axis=(1, 2))
+    hidden = np.maximum(pooled @ se.squeeze.kernel.numpy() + se.squeeze.bias.numpy(), 0)
+    gate = sigmoid(hidden @ se.excite.kernel.numpy() + se.excite.bias.numpy())
+    np.testing.assert_allclose(y, x.numpy() * gate[:, None, None, :], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- cells (2.1-2.4)
+
+def test_encoder_cells_shapes_and_ops():
+    x = randn(2, 8, 8, 4)
+    normal, down = EncoderCell(), EncoderCell(downsample=True)
+    assert normal(x, training=False).shape == (2, 8, 8, 4)
+    assert down(x, training=False).shape == (2, 4, 4, 8)  # doubles C, halves H, W
+    assert (down.conv_1.strides, down.conv_2.strides) == (2, 1)
+    assert tuple(down.conv_1.kernel.shape) == (3, 3, 4, 8)
+    assert tuple(down.conv_2.kernel.shape) == (3, 3, 8, 8)
+    for conv in (down.conv_1, down.conv_2):
+        assert conv.weight_norm and conv.use_bias
+    bns = [l for l in down._flatten_layers() if isinstance(l, BatchNorm)]
+    assert len(bns) == 2  # spec 2.8: two (fused) BNs per encoder cell
+    assert isinstance(down.reduce, FactorizedReduce) and normal.reduce is None
+
+
+@pytest.mark.parametrize("expansion", [6, 3])
+def test_decoder_cells_shapes_and_expansion_from_input_width(expansion):
+    x = randn(2, 4, 4, 8)
+    normal, up = DecoderCell(expansion), DecoderCell(expansion, upsample=True)
+    assert normal(x, training=False).shape == (2, 4, 4, 8)
+    assert up(x, training=False).shape == (2, 8, 8, 4)  # halves C, doubles H, W
+    for cell, cout in ((normal, 8), (up, 4)):
+        hidden = 8 * expansion  # from the INPUT width, also for the up cell (spec 2.4)
+        assert tuple(cell.expand.kernel.shape) == (1, 1, 8, hidden)
+        assert tuple(cell.depthwise.kernel.shape) == (5, 5, hidden, 1)
+        assert tuple(cell.project.kernel.shape) == (1, 1, hidden, cout)
+        for conv in (cell.expand, cell.depthwise, cell.project):
+            assert not conv.weight_norm and not conv.use_bias
+        bns = [l for l in cell._flatten_layers() if isinstance(l, BatchNorm)]
+        assert len(bns) == 4  # spec 2.8: plain, fused, fused, plain
+        assert tuple(cell.bn_in.gamma.shape) == (8,) and tuple(cell.bn_out.gamma.shape) == (cout,)
+    assert isinstance(up.up_skip, UpSkip) and normal.up_skip is None
+
+
+def test_cell_op_order_follows_spec():
+    """Compose the sub-layers by hand in the order of spec 2.3 / 2.4 (SE off)."""
+    x = randn(2, 4, 4, 8)
+    enc = EncoderCell(use_se=False)
+    got = enc(x, training=False)
+    y = enc.conv_1(silu(enc.bn_swish_1.bn(x, training=False).numpy()))
+    y = enc.conv_2(silu(enc.bn_swish_2.bn(y, training=False).numpy()))
+    np.testing.assert_allclose(got, x + 0.1 * y.numpy(), rtol=1e-5, atol=1e-5)
+
+    up = DecoderCell(6, upsample=True, use_se=False)
+    got = up(x, training=False)
+    # Nearest x2 up-sampling FIRST, then BN, 1x1, BN-Swish, dw 5x5, BN-Swish, 1x1, BN.
+    y = np.repeat(np.repeat(x.numpy(), 2, axis=1), 2, axis=2)
+    y = up.expand(up.bn_in(y, training=False))
+    y = up.depthwise(silu(up.bn_swish_1.bn(y, training=False).numpy()))
+    y = up.project(silu(up.bn_swish_2.bn(y, training=False).numpy()))
+    y = up.bn_out(y, training=False)
+    np.testing.assert_allclose(got, up.up_skip(x) + 0.1 * y, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_branch_is_scaled_by_one_tenth():
+    x = randn(2, 8, 8, 4)
+    # Encoder cell: branch ends with a WN conv; g -> 0 makes it output its bias (= 1).
+    cell = EncoderCell(use_se=False)
+    cell(x, training=False)
+    cell.conv_2.log_g.assign(tf.fill(cell.conv_2.log_g.shape, -100.0))
+    cell.conv_2.bias.assign(tf.ones_like(cell.conv_2.bias))
+    np.testing.assert_allclose(cell(x, training=False) - x, 0.1, rtol=1e-5)
+    # Decoder cell: branch ends with a BN; gamma 0, beta 1 makes it output 1 (inference mode).
+    dec = DecoderCell(6, use_se=False)
+    dec(x, training=False)
+    dec.bn_out.gamma.assign(tf.zeros_like(dec.bn_out.gamma))
+    dec.bn_out.beta.assign(tf.ones_like(dec.bn_out.beta))
+    np.testing.assert_allclose(dec(x, training=False) - x, 0.1, rtol=1e-5)
+    # With SE the constant branch is gated: 0.1 * sigmoid(...) per channel.
+    se_cell = DecoderCell(6, use_se=True)
+    se_cell(x, training=False)
+    se_cell.bn_out.gamma.assign(tf.zeros_like(se_cell.bn_out.gamma))
+    se_cell.bn_out.beta.assign(tf.ones_like(se_cell.bn_out.beta))
+    gate = se_cell.se(tf.ones((1, 1, 1, 4))).numpy().ravel()
+    np.testing.assert_allclose(se_cell(x, training=False) - x, 0.1 * np.broadcast_to(gate, x.shape),
+                               rtol=1e-5, atol=1e-7)
+    # Down cell: skip is FactorizedReduce.
+    down = EncoderCell(downsample=True, use_se=False)
+    down(x, training=False)
+    down.conv_2.log_g.assign(tf.fill(down.conv_2.log_g.shape, -100.0))
+    down.conv_2.bias.assign(tf.ones_like(down.conv_2.bias))
+    np.testing.assert_allclose(down(x, training=False) - down.reduce(x), 0.1, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- skips (2.5)
+
+def test_factorized_reduce_channel_split_and_shifted_views():
+    fr = FactorizedReduce(10)
+    x = randn(2, 8, 8, 5)
+    y = fr(x).numpy()
+    assert [c.filters for c in fr.convs] == [2, 2, 2, 4]
+    assert y.shape == (2, 4, 4, 10)
+    s = silu(x.numpy())
+    # Views: unshifted, one row and column, one column, one row (PyTorch x[:, :, 1:, 1:] etc).
+    offsets = [(0, 0), (1, 1), (0, 1), (1, 0)]
+    parts = []
+    for conv, (dr, dc) in zip(fr.convs, offsets):
+        assert conv.weight_norm and conv.use_bias and conv.kernel_size == 1 and conv.strides == 2
+        k = conv.effective_kernel().numpy()[0, 0]
+        parts.append(s[:, dr::2, dc::2, :] @ k + conv.bias.numpy())
+    np.testing.assert_allclose(y, np.concatenate(parts, axis=-1), rtol=1e-5, atol=1e-5)
+    assert [c.filters for c in FactorizedReduce(8).convs] == [2, 2, 2, 2]
+    assert [c.filters for c in FactorizedReduce(60).convs] == [15, 15, 15, 15]
+
+
+def bilinear_align_corners(x, out_h, out_w):
+    """NumPy bilinear resize with align_corners=True (PyTorch/TF1 semantics), NHWC."""
+    _, h, w, _ = x.shape
+    ys = np.arange(out_h) * ((h - 1) / (out_h - 1))
+    xs = np.arange(out_w) * ((w - 1) / (out_w - 1))
+    y0 = np.floor(ys).astype(int)
+    x0 = np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy, wx = (ys - y0)[None, :, None, None], (xs - x0)[None, None, :, None]
+    top = x[:, y0][:, :, x0] * (1 - wx) + x[:, y0][:, :, x1] * wx
+    bottom = x[:, y1][:, :, x0] * (1 - wx) + x[:, y1][:, :, x1] * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def test_up_skip_is_bilinear_align_corners_then_1x1_without_bias():
+    skip = UpSkip(3)
+    x = randn(2, 4, 5, 6)
+    y = skip(x).numpy()
+    assert y.shape == (2, 8, 10, 3)
+    assert not skip.conv.use_bias and skip.conv.weight_norm
+    up = bilinear_align_corners(x.numpy(), 8, 10)
+    k = skip.conv.effective_kernel().numpy()[0, 0]
+    np.testing.assert_allclose(y, up @ k, rtol=1e-5, atol=1e-5)
+    # Corners are copied exactly (align_corners) ...
+    np.testing.assert_allclose(up[:, [0, -1]][:, :, [0, -1]], x.numpy()[:, [0, -1]][:, :, [0, -1]])
+    # ... which the half-pixel tf.image.resize does not do.
+    half_pixel = tf.image.resize(x, (8, 10), "bilinear").numpy() @ k
+    assert np.abs(half_pixel - y).max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- batch norm (2.8)
+
+def test_batchnorm_constants_everywhere(bernoulli_model):
+    bns = bernoulli_model.batchnorm_layers()
+    assert bns
+    for bn in bns:
+        assert bn.momentum == pytest.approx(0.95)
+        assert bn.epsilon == pytest.approx(1e-5)
+        assert bn.synchronized
+        assert bn.center and bn.scale
+
+
+def test_batchnorm_update_matches_pytorch_momentum_and_epsilon():
+    bn = BatchNorm()
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(3.0, 2.0, (4, 5, 5)),  # channel 0: mean 3, std 2
+                  rng.normal(-1.0, 0.01, (4, 5, 5))], axis=-1).astype("float32")  # tiny variance
+    y = bn(x, training=True).numpy()
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_mean, 0.05 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance, 0.95 + 0.05 * var, rtol=1e-5)
+    # Inference mode uses the moving statistics.
+    z = bn(x, training=False).numpy()
+    expected = (x - bn.moving_mean.numpy()) / np.sqrt(bn.moving_variance.numpy() + 1e-5)
+    np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layer_type", [BatchNorm, BNSwish])
+def test_update_stats_false_uses_batch_stats_without_moving_them(layer_type):
+    layer = layer_type()
+    x = randn(4, 3, 3, 6) * 2.0 + 1.0
+    layer(x, training=False)  # build
+    bn = layer if isinstance(layer, BatchNorm) else layer.bn
+    bn.gamma.assign(RNG.uniform(0.5, 1.5, 6).astype("float32"))
+    bn.beta.assign(RNG.uniform(-0.5, 0.5, 6).astype("float32"))
+    before = [bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()]
+    y_frozen = layer(x, training=True, update_stats=False).numpy()
+    np.testing.assert_array_equal(bn.moving_mean, before[0])
+    np.testing.assert_array_equal(bn.moving_variance, before[1])
+    y_train = layer(x, training=True).numpy()  # the normal training call, for comparison
+    np.testing.assert_allclose(y_frozen, y_train, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(bn.moving_mean, before[0])  # the normal call did move them
+    xn = x.numpy()
+    ref = ((xn - xn.mean(axis=(0, 1, 2))) / np.sqrt(xn.var(axis=(0, 1, 2)) + 1e-5)
+           * bn.gamma.numpy() + bn.beta.numpy())
+    if layer_type is BNSwish:
+        ref = silu(ref)
+    np.testing.assert_allclose(y_frozen, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_update_stats_flag_reaches_every_bn_of_a_cell():
+    for cell in (EncoderCell(downsample=True), DecoderCell(6, upsample=True)):
+        x = randn(4, 8, 8, 8)
+        cell(x, training=False)
+        bns = [l for l in cell._flatten_layers() if isinstance(l, BatchNorm)]
+        before = [bn.moving_mean.numpy().copy() for bn in bns]
+        cell(x, training=True, update_stats=False)
+        for bn, b in zip(bns, before):
+            np.testing.assert_array_equal(bn.moving_mean, b)
+        cell(x, training=True)
+        assert all(not np.array_equal(bn.moving_mean, b) for bn, b in zip(bns, before))
+
+
+def test_tiny_config_is_what_the_layer_tests_assume():
+    c = tiny_config()
+    assert c.groups_per_scale == [1, 2] and c.channels_per_scale == [16, 8]
