@@ -62,6 +62,9 @@ class TrainingDiagnostics(keras.callbacks.Callback):
         self._epoch = 0
         self._logged_step = None
 
+    def on_train_begin(self, logs=None):
+        self._logged_step = global_step(self.model)  # a resumed run logged this step already
+
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
@@ -80,11 +83,10 @@ class TrainingDiagnostics(keras.callbacks.Callback):
             logs.update(self._probe_values(global_step(self.model)))
 
     def on_train_end(self, logs=None):
-        if logs is not None:  # a run stopped between logged steps still logs its last one
-            logs.update(self._schedule_values())
-            step = global_step(self.model)
-            if step != self._logged_step:
-                logs.update(self._probe_values(step))
+        step = global_step(self.model)
+        if logs is not None and step != self._logged_step:  # a run stopped between logged
+            logs.update(self._schedule_values())             # steps still logs its last one
+            logs.update(self._probe_values(step))
 
     def _schedule_values(self):
         model = self.model
@@ -293,7 +295,8 @@ def _scalar_tag(key):
 
 
 class TensorBoardImages(keras.callbacks.Callback):
-    """Image grids every ``every_steps`` steps and at the end of training.
+    """Image grids every ``every_steps`` steps and at the end of training (unless it ended on
+    a non-finite step).
 
     ``reconstructions``: held-out inputs (left) next to their reconstructions (right), 4x4 each;
     ``samples/t=T``: 16 prior samples at each temperature, with the same fixed noise every time
@@ -308,6 +311,9 @@ class TensorBoardImages(keras.callbacks.Callback):
         self.temperatures = tuple(temperatures)
         self._last_step = None
 
+    def on_train_begin(self, logs=None):
+        self._last_step = global_step(self.model)
+
     def on_train_batch_end(self, batch, logs=None):
         step = global_step(self.model)
         if step % self.every_steps == 0:
@@ -315,7 +321,8 @@ class TensorBoardImages(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         step = global_step(self.model)
-        if step != self._last_step:
+        diverging = int((logs or {}).get("consecutive_skips", 0)) > 0
+        if step != self._last_step and not diverging:
             self._write(step)
 
     def _write(self, step):
