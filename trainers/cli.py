@@ -47,5 +47,16 @@ def load_config(args):
     return NVAEConfig.from_yaml(args.config).with_overrides(args.overrides)
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def parser(description):
     return argparse.ArgumentParser(description=description)

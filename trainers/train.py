@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 
-from trainers.cli import UserError, entry_point, parser
+from trainers.cli import UserError, entry_point, parser, positive_int
 
 LOG_EVERY = 100  # the original logs every 100 steps (spec 5.10)
 IMAGE_EVERY = 1000  # ... and writes a reconstruction grid every 1000
@@ -491,18 +491,6 @@ class _StopOnSignal:
 
 
 # --- command line ---------------------------------------------------------------------------
-def _positive_int(text):
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser():
     from nvae_tf.config import PRECISIONS, RECOMPUTE
     from nvae_tf.distribute import STRATEGIES
@@ -518,7 +506,7 @@ def build_parser():
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint, exactly")
-    p.add_argument("--steps", type=_positive_int, metavar="N",
+    p.add_argument("--steps", type=positive_int, metavar="N",
                    help="stop when the run's global step reaches N (steps before --resume "
                         "count; the schedules still span the config's epochs)")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto",
@@ -530,15 +518,15 @@ def build_parser():
     p.add_argument("--precision", choices=PRECISIONS, help="sets precision")
     p.add_argument("--recompute", choices=RECOMPUTE, help="sets recompute")
     p.add_argument("--jit-compile", action="store_true", help="sets jit_compile (XLA)")
-    p.add_argument("--log-every", type=_positive_int, default=LOG_EVERY, metavar="N",
+    p.add_argument("--log-every", type=positive_int, default=LOG_EVERY, metavar="N",
                    help=f"steps between metrics rows (default {LOG_EVERY}; epoch ends always)")
-    p.add_argument("--image-every", type=_positive_int, default=IMAGE_EVERY, metavar="N",
+    p.add_argument("--image-every", type=positive_int, default=IMAGE_EVERY, metavar="N",
                    help=f"steps between TensorBoard image grids (default {IMAGE_EVERY}; and at "
                         "the end)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=CHECKPOINT_EVERY,
+    p.add_argument("--checkpoint-every", type=positive_int, default=CHECKPOINT_EVERY,
                    metavar="N", help=f"steps between checkpoints (default {CHECKPOINT_EVERY}; "
                                      "epoch ends and the end always)")
-    p.add_argument("--keep-checkpoints", type=_positive_int, default=KEEP_CHECKPOINTS,
+    p.add_argument("--keep-checkpoints", type=positive_int, default=KEEP_CHECKPOINTS,
                    metavar="N", help=f"checkpoints to keep (default {KEEP_CHECKPOINTS})")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                    help="0 quiet, 1 progress bar (default), 2 one line per epoch")

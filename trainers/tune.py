@@ -18,21 +18,10 @@ import math
 import os
 import sys
 
-from trainers.cli import UserError, add_config_args, entry_point, load_config, parser
+from trainers.cli import (UserError, add_config_args, entry_point, load_config, parser,
+                          positive_int)
 
 SEARCH_FILE = "search.yaml"
-
-
-def _positive_int(text):
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def build_parser():
@@ -52,9 +41,9 @@ def build_parser():
                         "(successive halving over trials of 1/9, 1/3 and all of "
                         "--steps-per-trial; promoted trials continue their parent's run; its "
                         "first bracket is 13 trials)")
-    p.add_argument("--max-trials", type=_positive_int, default=10, metavar="N",
+    p.add_argument("--max-trials", type=positive_int, default=10, metavar="N",
                    help="trials in all, counting those a resumed search already ran (default 10)")
-    p.add_argument("--steps-per-trial", type=_positive_int, default=200, metavar="N",
+    p.add_argument("--steps-per-trial", type=positive_int, default=200, metavar="N",
                    help="training steps of a trial: the first N steps of the config's own "
                         "schedule (default 200)")
     p.add_argument("--strategy", choices=("auto", "one_device", "mirrored"), default="auto",
