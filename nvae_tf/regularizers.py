@@ -56,18 +56,20 @@ class SpectralRegularizer(keras.layers.Layer):
         """Create one (u, v) pair of stacked vectors per distinct kernel-matrix shape.
 
         Args:
-          conv_layers: built layers with ``kernel_matrix()`` returning a (rows, cols) matrix.
+          conv_layers: built layers with ``kernel_matrix()`` returning the transposed
+            (cols, rows) weight matrix; ``u`` has one entry per row (output channel).
         """
         if self.built:
             raise ValueError("SpectralRegularizer.build_for was already called")
         conv_layers = tuple(conv_layers)
         if not conv_layers:
             raise ValueError("SpectralRegularizer needs at least one conv layer")
-        groups = {}  # shape -> layer indices, in first-occurrence order
+        groups = {}  # (rows, cols) -> layer indices, in first-occurrence order
         for i, layer in enumerate(conv_layers):
             if not layer.built:
                 raise ValueError(f"layer {layer.name} must be built before build_for")
-            groups.setdefault(tuple(layer.kernel_matrix().shape), []).append(i)
+            cols, rows = layer.kernel_matrix().shape
+            groups.setdefault((rows, cols), []).append(i)
         self._convs = _Refs(conv_layers)
         self._groups = tuple(tuple(idx) for idx in groups.values())
         # Attributes named by shape, not lists: Keras 3 wraps lists in a TrackedList that
@@ -106,12 +108,14 @@ class SpectralRegularizer(keras.layers.Layer):
                          10 * self.num_power_iter)
         total = tf.constant(0.0, tf.float32)
         for idx, u_var, v_var in zip(self._groups, self.u_vars, self.v_vars):
-            w = tf.stack([tf.cast(self._convs.items[i].kernel_matrix(), tf.float32) for i in idx])
-            w_const = tf.stop_gradient(w)
+            # w_t: (layers, cols, rows) = W^T, so W^T u = w_t u and W v = w_t^T v.
+            w_t = tf.stack([tf.cast(self._convs.items[i].kernel_matrix(), tf.float32)
+                            for i in idx])
+            w_const = tf.stop_gradient(w_t)
 
             def step(i, u, v, w_const=w_const):
-                v = _normalize(tf.linalg.matvec(w_const, u, transpose_a=True))
-                u = _normalize(tf.linalg.matvec(w_const, v))
+                v = _normalize(tf.linalg.matvec(w_const, u))
+                u = _normalize(tf.linalg.matvec(w_const, v, transpose_a=True))
                 return i + 1, u, v
 
             _, u, v = tf.while_loop(lambda i, u, v: i < iters, step,
@@ -120,7 +124,7 @@ class SpectralRegularizer(keras.layers.Layer):
             u_var.assign(u)
             v_var.assign(v)
             u, v = tf.stop_gradient(u), tf.stop_gradient(v)
-            total += tf.reduce_sum(u * tf.linalg.matvec(w, v))
+            total += tf.reduce_sum(v * tf.linalg.matvec(w_t, u))
         self.initialized.assign(True)
         return total
 

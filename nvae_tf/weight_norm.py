@@ -11,6 +11,8 @@ import math
 import keras
 import tensorflow as tf
 
+from nvae_tf.depthwise import depthwise_conv2d_same
+
 _NORM_EPS = 1e-5
 
 
@@ -103,22 +105,26 @@ class Conv2D(keras.layers.Layer):
         return g * v / (self._kernel_norm(v) + _NORM_EPS)
 
     def kernel_matrix(self):
-        """Effective kernel as PyTorch's (Cout, Cin/groups * kh * kw) matrix, for spectral norms."""
-        w = self.effective_kernel()
-        if self.depthwise:
-            return tf.transpose(tf.reshape(w, (self.kernel_size ** 2, self.filters)))
-        return tf.transpose(tf.reshape(w, (-1, self.filters)))
+        """Effective kernel as a (Cin/groups * kh * kw, Cout) matrix, for spectral norms.
+
+        The transpose of PyTorch's (Cout, Cin/groups * kh * kw) weight matrix up to a column
+        order (same singular values), obtained by a free reshape rather than a transpose.
+        """
+        return tf.reshape(self.effective_kernel(), (-1, self.filters))
 
     def call(self, x):
         kernel = tf.cast(self.effective_kernel(), x.dtype)
         p = self.kernel_size // 2
-        padding = [[0, 0], [p, p], [p, p], [0, 0]] if p else "VALID"
-        if self.depthwise:
-            if p:
-                x = tf.pad(x, padding)
-            y = tf.nn.depthwise_conv2d(x, kernel, (1, self.strides, self.strides, 1), "VALID")
+        if self.strides == 1:
+            # "SAME" is the symmetric k // 2 padding here and takes oneDNN's fast kernels;
+            # explicit paddings fall back to slower ones on CPU.
+            y = (depthwise_conv2d_same(x, kernel) if self.depthwise
+                 else tf.nn.conv2d(x, kernel, 1, "SAME"))
         else:
-            y = tf.nn.conv2d(x, kernel, self.strides, padding)
+            if p:
+                x = tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
+            y = (tf.nn.depthwise_conv2d(x, kernel, (1, 2, 2, 1), "VALID") if self.depthwise
+                 else tf.nn.conv2d(x, kernel, 2, "VALID"))
         if self.use_bias:
             y = tf.nn.bias_add(y, tf.cast(self.bias, y.dtype))
         return y

@@ -8,6 +8,7 @@ import tensorflow as tf
 from conftest import tiny_config
 
 from nvae_tf.cells import DecoderCell, EncoderCell
+from nvae_tf.depthwise import depthwise_conv2d_same
 from nvae_tf.combiners import DecoderCombiner, EncoderCombiner
 from nvae_tf.latent_group import LatentGroup
 from nvae_tf.model import NVAE
@@ -174,13 +175,13 @@ def test_kernel_matrix_is_torch_flattening():
     conv(randn(1, 6, 6, 4))
     expected = torch_layout(conv.effective_kernel().numpy()).reshape(5, -1)
     # Rows per output channel; the same singular values whatever the column order.
-    got = conv.kernel_matrix().numpy()
+    got = conv.kernel_matrix().numpy().T
     assert got.shape == (5, 4 * 9)
     np.testing.assert_allclose(np.linalg.svd(got, compute_uv=False),
                                np.linalg.svd(expected, compute_uv=False), rtol=1e-5)
     dw = Conv2D(6, 5, depthwise=True, use_bias=False, weight_norm=False)
     dw(randn(1, 6, 6, 6))
-    assert dw.kernel_matrix().shape == (6, 25)
+    assert dw.kernel_matrix().shape == (25, 6)
 
 
 def test_conv_argument_errors():
@@ -220,6 +221,26 @@ def test_depthwise_5x5_pads_two_each_side():
     padded = np.pad(x.numpy(), ((0, 0), (2, 2), (2, 2), (0, 0)))
     reference = tf.nn.depthwise_conv2d(padded, conv.effective_kernel(), (1, 1, 1, 1), "VALID")
     np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_cpu_kernel_gradient_equals_tensorflows():
+    x, kernel = randn(3, 7, 6, 5), randn(5, 5, 5, 1)
+
+    def grads(conv):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            loss = tf.reduce_sum(tf.sin(conv(x, kernel)))
+        return tape.gradient(loss, [x, kernel])
+
+    native = grads(lambda a, k: tf.nn.depthwise_conv2d(a, k, (1, 1, 1, 1), "SAME"))
+    ours = grads(depthwise_conv2d_same)
+    # Unknown batch size, as in exported signatures.
+    traced = tf.function(lambda a, k: grads(depthwise_conv2d_same),
+                         input_signature=[tf.TensorSpec((None, 7, 6, 5)),
+                                          tf.TensorSpec((5, 5, 5, 1))])(x, kernel)
+    for a, b, c in zip(native, ours, traced):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- SE (2.6)
@@ -407,6 +428,32 @@ def test_batchnorm_update_matches_pytorch_momentum_and_epsilon():
     z = bn(x, training=False).numpy()
     expected = (x - bn.moving_mean.numpy()) / np.sqrt(bn.moving_variance.numpy() + 1e-5)
     np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_single_replica_batchnorm_is_exact():
+    """One replica uses the fused kernel: output, gradients and stats match a float64 reference."""
+    x = randn(4, 5, 5, 3) + 100.0  # |mean| / std = 100: one-pass moments lose digits here
+    bn = BatchNorm()
+    bn.build(x.shape)
+    bn.gamma.assign([0.5, 1.0, 2.0])
+    assert bn._fusable(x)
+
+    def reference(x, gamma, beta):  # float64, centred before the moments
+        x = tf.cast(x, tf.float64) - 100.0
+        mean, var = tf.nn.moments(x, [0, 1, 2])
+        return tf.nn.batch_normalization(x, mean, var, tf.cast(beta, tf.float64),
+                                         tf.cast(gamma, tf.float64), 1e-5), var
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y = bn(x, training=True)
+        y_ref, var = reference(x, bn.gamma, bn.beta)
+        losses = [tf.reduce_sum(tf.sin(y)), tf.reduce_sum(tf.sin(y_ref))]
+    got, want = (tape.gradient(loss, [x, bn.gamma, bn.beta]) for loss in losses)
+    np.testing.assert_allclose(y, y_ref, atol=1e-4)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(bn.moving_variance, 0.95 + 0.05 * var, rtol=1e-6)
 
 
 @pytest.mark.parametrize("layer_type", [BatchNorm, BNSwish])

@@ -1,0 +1,45 @@
+"""Depthwise convolution with a faster kernel gradient on CPUs.
+
+TensorFlow's ``DepthwiseConv2dNativeBackpropFilter`` (oneDNN and Eigen alike) is the single
+most expensive op of an NVAE training step on a CPU. The same gradient,
+``dK[i, j, c] = sum_{b, h, w} x_pad[b, h + i, w + j, c] * dy[b, h, w, c]``, is one VALID
+depthwise convolution of the padded input (batch moved into the channels) with ``dy`` as the
+filter, which runs 1.5-3x faster there. On GPUs cuDNN's own gradient is used.
+"""
+import tensorflow as tf
+
+
+def depthwise_conv2d_same(x, kernel):
+    """Stride-1 depthwise conv with symmetric zero padding ``k // 2`` (odd square ``kernel``).
+
+    Args:
+      x: (B, H, W, C) input.
+      kernel: (k, k, C, 1) filter, same dtype as ``x``.
+    """
+    if tf.config.list_logical_devices("GPU"):
+        return tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "SAME")
+    return _depthwise_conv2d_cpu(x, kernel)
+
+
+@tf.custom_gradient
+def _depthwise_conv2d_cpu(x, kernel):
+    y = tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "SAME")
+
+    def grad(dy):
+        dx = tf.nn.depthwise_conv2d_backprop_input(tf.shape(x), kernel, dy, (1, 1, 1, 1), "SAME")
+        return dx, _kernel_gradient(x, dy, kernel.shape[0])
+
+    return y, grad
+
+
+def _kernel_gradient(x, dy, k):
+    p = k // 2
+    shape = tf.shape(x)
+    b, h, w, c = shape[0], shape[1], shape[2], shape[3]
+    x_pad = tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
+    # (1, H + 2p, W + 2p, C * B) input and (H, W, C * B, 1) filter: one image, C * B channels.
+    images = tf.reshape(tf.transpose(x_pad, (1, 2, 3, 0)),
+                        tf.stack([1, h + 2 * p, w + 2 * p, c * b]))
+    filters = tf.reshape(tf.transpose(dy, (1, 2, 3, 0)), tf.stack([h, w, c * b, 1]))
+    per_image = tf.nn.depthwise_conv2d(images, filters, (1, 1, 1, 1), "VALID")  # (1, k, k, C*B)
+    return tf.reduce_sum(tf.reshape(per_image, tf.stack([k, k, c, b])), axis=-1, keepdims=True)
