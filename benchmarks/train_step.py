@@ -1,13 +1,17 @@
 """Training-step throughput and peak memory of NVAE for one config, over several variants.
 
-Each variant (precision x recompute x XLA) runs in a fresh subprocess so that its peak memory
-(max resident set size; on a GPU, TensorFlow's peak device memory) is its own. Results are
-printed as a table and appended, one JSON line per variant, to ``--results``.
+Each variant (precision x recompute x XLA) runs in a fresh subprocess so that its memory is its
+own. Two peaks are reported: over the whole process (``peak_memory_mb``: includes building and
+optimizing the graph) and over the timed steps only (``step_peak_memory_mb``: what training
+holds; the resident-set high-water mark is reset after warm-up, Linux only). On a GPU both are
+TensorFlow's peak device memory. Results are printed as a table and appended, one JSON line
+per variant, to ``--results``.
 
     python benchmarks/train_step.py --config configs/cifar10.yaml --batch-size 4 \
         --precision float32 --recompute none cell --xla off
 """
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -45,20 +49,47 @@ def run_variant(args):
         levels = 2 ** config.num_x_bits - 1
         images = tf.round(images * levels) / levels
     step = tf.function(model.train_step, jit_compile=config.jit_compile)
-    for _ in range(args.warmup):
-        logs = step(images)
-    float(logs["loss"])
+    start = time.perf_counter()
+    float(step(images)["loss"])
+    startup = time.perf_counter() - start  # tracing, graph optimization and one step
+    for _ in range(args.warmup - 1):
+        float(step(images)["loss"])
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        tf.config.experimental.reset_memory_stats("GPU:0")
+    else:
+        _reset_peak_rss()
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         float(step(images)["loss"])
         times.append(time.perf_counter() - start)
-    gpus = tf.config.list_physical_devices("GPU")
-    peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] if gpus
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if gpus:
+        peak = step_peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        step_peak = _peak_rss()
     sec = sorted(times)[len(times) // 2]
     print(json.dumps({"sec_per_step": sec, "images_per_sec": args.batch_size / sec,
-                      "peak_memory_mb": peak / 2 ** 20, "device": "GPU" if gpus else "CPU"}))
+                      "startup_sec": startup, "peak_memory_mb": peak / 2 ** 20,
+                      "step_peak_memory_mb": step_peak / 2 ** 20,
+                      "device": "GPU" if gpus else "CPU"}))
+
+
+def _reset_peak_rss():
+    """Return freed heap to the OS, then restart the resident-set high-water mark (VmHWM)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss():
+    """VmHWM of this process in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main():
@@ -70,7 +101,8 @@ def main():
     p.add_argument("--recompute", nargs="+", default=["none"], choices=["none", "cell", "group"])
     p.add_argument("--xla", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps (tracing)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps, the first of which traces (at least 1)")
     p.add_argument("--results", default=os.path.join(HERE, "results.jsonl"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -78,8 +110,10 @@ def main():
         return run_variant(argparse.Namespace(**{**vars(args), "precision": args.precision[0],
                                                  "recompute": args.recompute[0],
                                                  "xla": args.xla[0]}))
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be at least 1")
     print(f"{'config':<22}{'batch':>6} {'precision':<15}{'recompute':<10}{'xla':<5}"
-          f"{'s/step':>8}{'img/s':>9}{'peak MB':>10}")
+          f"{'s/step':>8}{'img/s':>9}{'startup s':>10}{'peak MB':>10}{'step MB':>10}")
     for precision in args.precision:
         for recompute in args.recompute:
             for xla in args.xla:
@@ -100,7 +134,8 @@ def main():
                     f.write(json.dumps(row) + "\n")
                 print(f"{row['config']:<22}{args.batch_size:>6} {precision:<15}{recompute:<10}"
                       f"{xla:<5}{result['sec_per_step']:>8.2f}{result['images_per_sec']:>9.1f}"
-                      f"{result['peak_memory_mb']:>10.0f}")
+                      f"{result['startup_sec']:>10.0f}{result['peak_memory_mb']:>10.0f}"
+                      f"{result['step_peak_memory_mb']:>10.0f}")
 
 
 if __name__ == "__main__":

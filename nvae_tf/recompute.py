@@ -23,13 +23,24 @@ def recompute_cells(cells, x, training=None):
 
         def backward(upstream, variables=None):
             variables = list(variables or [])
+            # In a graph, ops run as soon as their inputs exist: without this data dependency
+            # the recompute would run during the forward pass and save no memory.
+            again = inputs + tf.cast(_zero_after(upstream), inputs.dtype)
             with tf.GradientTape() as tape:
-                tape.watch(inputs)
-                recomputed = run_cells(cells, inputs, training=training, update_stats=False)
-            grads = tape.gradient(recomputed, [inputs] + variables, output_gradients=upstream,
+                tape.watch(again)
+                recomputed = run_cells(cells, again, training=training, update_stats=False)
+            grads = tape.gradient(recomputed, [again] + variables, output_gradients=upstream,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return grads[0], grads[1:]
 
         return outputs, backward
 
     return forward(x)
+
+
+def _zero_after(tensor):
+    """A scalar 0.0 computed from one element of ``tensor`` (a data, not control, dependency:
+    XLA drops control dependencies). Grappler cannot fold it: the comparison is on data."""
+    first = tf.reshape(tensor, [-1])[:1]
+    flag = tf.cast(tf.reduce_max(first), tf.bool)
+    return tf.where(tf.equal(flag, flag), 0.0, float("nan"))

@@ -131,3 +131,36 @@ def test_recompute_in_a_tf_function_matches():
     _assert_close_grads(results["group"][1], results["none"][1])
     for a, b in zip(_moving_stats(models["group"]), _moving_stats(models["none"])):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _ancestors(tensor):
+    seen, todo = set(), [tensor.op]
+    while todo:
+        op = todo.pop()
+        if op.name not in seen:
+            seen.add(op.name)
+            todo.extend(t.op for t in op.inputs)
+            todo.extend(op.control_inputs)
+    return seen
+
+
+def test_recompute_waits_for_the_upstream_gradient_in_a_graph():
+    """In a graph the recompute convs must depend on the upstream gradient; otherwise they
+    run during the forward pass and hold their activations as long as without recompute."""
+    cells = [EncoderCell(), EncoderCell()]
+    x = tf.random.normal((2, 6, 6, 4), seed=1)
+    run_cells(cells, x, training=False)  # build
+
+    @tf.function
+    def input_grad(x, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(recompute_cells(cells, x, training=True) * upstream)
+        return tape.gradient(loss, x)
+
+    graph = input_grad.get_concrete_function(x, tf.ones_like(x)).graph
+    upstream = graph.inputs[1].op.name
+    convs = [op for op in graph.get_operations() if op.type == "Conv2D"]
+    waiting = [op for op in convs if upstream in _ancestors(op.outputs[0])]
+    assert len(convs) == 8  # 4 convs, forward and recompute
+    assert len(waiting) == 4
