@@ -194,7 +194,28 @@ class CheckpointSaver(keras.callbacks.Callback):
         return self._saved_step
 
 
-class CSVMetrics(keras.callbacks.Callback):
+class _RowWriter(keras.callbacks.Callback):
+    """Hands each row to log to ``write_row``: the batch-end, epoch-end and train-end logs that
+    ``TrainingDiagnostics`` marked with a ``step``."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._row(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._row(logs)
+
+    def on_train_end(self, logs=None):
+        self._row(logs)
+
+    def _row(self, logs):
+        if logs and "step" in logs:
+            self.write_row(logs)
+
+    def write_row(self, logs):
+        raise NotImplementedError
+
+
+class CSVMetrics(_RowWriter):
     """Appends one row per logged step (rows marked by ``TrainingDiagnostics``) to ``path``.
 
     Each row is flushed at once, so a killed run keeps every row it logged; resuming drops the
@@ -206,18 +227,7 @@ class CSVMetrics(keras.callbacks.Callback):
         self.path = path
         self.columns = tuple(columns)
 
-    def on_train_batch_end(self, batch, logs=None):
-        self._write(logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._write(logs)
-
-    def on_train_end(self, logs=None):
-        self._write(logs)
-
-    def _write(self, logs):
-        if not logs or "step" not in logs:
-            return
+    def write_row(self, logs):
         new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
         row = {**logs, "wall_time": round(time.time(), 3)}
         with open(self.path, "a", newline="") as f:
@@ -253,7 +263,7 @@ def _csv_value(value):
     return value
 
 
-class TensorBoardScalars(keras.callbacks.Callback):
+class TensorBoardScalars(_RowWriter):
     """Writes every numeric value of the logged rows as a TensorBoard scalar at their step.
 
     Tags: training values under their log names (``loss``, ``bpd``, ``beta``, ...), per-group
@@ -265,18 +275,7 @@ class TensorBoardScalars(keras.callbacks.Callback):
         super().__init__()
         self.writer = writer
 
-    def on_train_batch_end(self, batch, logs=None):
-        self._write(logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._write(logs)
-
-    def on_train_end(self, logs=None):
-        self._write(logs)
-
-    def _write(self, logs):
-        if not logs or "step" not in logs:
-            return
+    def write_row(self, logs):
         with self.writer.as_default(step=int(logs["step"])):
             for key, value in logs.items():
                 if key in ("step", "epoch", "consecutive_skips") or not np.isscalar(value):

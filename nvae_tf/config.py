@@ -108,14 +108,7 @@ class NVAEConfig:
 
     @classmethod
     def from_yaml(cls, path):
-        try:
-            with open(path) as f:
-                values = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        return cls.from_dict(values or {})
+        return cls.from_dict(read_yaml(path, "config file", ConfigError) or {})
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -267,3 +260,14 @@ def _coerce(key, value, hint):
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"config key {key!r} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def read_yaml(path, what, error):
+    """Parse a YAML file; a missing file or bad YAML raises ``error`` with a one-line message."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None

@@ -31,10 +31,9 @@ import typing
 import keras
 import keras_tuner
 import tensorflow as tf
-import yaml
 
 from nvae_tf.checkpoint import config_path
-from nvae_tf.config import ConfigError, NVAEConfig, _coerce
+from nvae_tf.config import ConfigError, NVAEConfig, _coerce, read_yaml
 from nvae_tf.data import DataError
 
 OBJECTIVE = "test_bpd"  # held-out negative ELBO, bits/dim (lower is better): train()'s key
@@ -167,14 +166,7 @@ def _parse_param(name, fields, spec, hint):
 
 def load_search_space(path):
     """Read and check a search-space YAML file; returns ``(params, raw mapping)``."""
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise SearchSpaceError(f"search space file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise SearchSpaceError(f"search space file {path} is not valid YAML: "
-                               f"{str(e).splitlines()[0]}") from None
+    values = read_yaml(path, "search space file", SearchSpaceError)
     return parse_search_space(values), values
 
 
@@ -182,7 +174,7 @@ class NVAEHyperModel(keras_tuner.HyperModel):
     """The search space over a base config.
 
     ``build(hp)`` returns the trial's ``NVAEConfig``; ``fit`` trains it with ``train_fn`` (the
-    signature of ``trainers.train.train``, which must raise ``FailedTrialError`` when training
+    signature of ``trainers.training_loop.train``, which must raise ``FailedTrialError`` when training
     diverges) and returns the held-out negative ELBO in bits/dim under ``OBJECTIVE``.
     """
 

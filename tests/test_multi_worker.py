@@ -15,12 +15,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from conftest import ROOT, SMALL_SHRUNK, SMALL_CONFIG as SMALL  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = os.path.join(ROOT, "configs", "small.yaml")
-TINY = ["num_channels_enc=4", "num_channels_dec=4", "num_latent_scales=1",
-        "num_groups_per_scale=2", "num_preprocess_cells=1", "num_postprocess_cells=1",
-        "num_latent_per_group=4", "batch_size=8", "epochs=2"]
+TINY = SMALL_SHRUNK + ["batch_size=8", "epochs=2"]
 STEPS = 4
 
 WORKER = """
@@ -28,7 +25,7 @@ import json, sys
 import keras, numpy as np
 from nvae_tf.config import NVAEConfig
 from nvae_tf.distribute import make_strategy
-from trainers.train import train
+from trainers.training_loop import train
 
 strategy = make_strategy("multi_worker")  # from TF_CONFIG, before any other TF work
 out, weights_file, result_file, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

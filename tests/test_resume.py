@@ -11,14 +11,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from conftest import ROOT, SMALL_SHRUNK, SMALL_CONFIG as SMALL  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = os.path.join(ROOT, "configs", "small.yaml")
 # A tiny model; batch 300 makes an epoch 15 steps, so runs cross an epoch boundary (metric
 # reset, reshuffle, held-out evaluation) within a few steps.
-TINY = ["num_channels_enc=4", "num_channels_dec=4", "num_latent_scales=1",
-        "num_groups_per_scale=2", "num_preprocess_cells=1", "num_postprocess_cells=1",
-        "num_latent_per_group=4", "batch_size=300", "epochs=3"]
+TINY = SMALL_SHRUNK + ["batch_size=300", "epochs=3"]
 # Deterministic ops are not enough on this stack: grappler's arithmetic optimizer regroups the
 # AddN sums of gradient contributions differently from one process to the next (measured:
 # two uninterrupted runs then differ in the last bits of early-layer kernel gradients once the

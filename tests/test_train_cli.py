@@ -11,15 +11,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from conftest import ROOT, SMALL_SHRUNK, SMALL_CONFIG as SMALL  # noqa: E402
 
 from nvae_tf.config import NVAEConfig  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = os.path.join(ROOT, "configs", "small.yaml")
-# configs/small.yaml shrunk to seconds per run (one scale, two groups, four channels).
-TINY = ["num_channels_enc=4", "num_channels_dec=4", "num_latent_scales=1",
-        "num_groups_per_scale=2", "num_preprocess_cells=1", "num_postprocess_cells=1",
-        "num_latent_per_group=4", "batch_size=8", "epochs=2"]
+TINY = SMALL_SHRUNK + ["batch_size=8", "epochs=2"]
 
 
 def tiny_args(out, *extra):

@@ -81,10 +81,10 @@ def _record_search(out, identity):
 
 
 def _trial_trainer(strategy, verbose):
-    """``trainers.train.train`` for one trial; divergence marks the trial as failed."""
+    """``trainers.training_loop.train`` for one trial; divergence marks the trial as failed."""
     import keras_tuner
 
-    from trainers.train import TrainingDiverged, train
+    from trainers.training_loop import TrainingDiverged, train
 
     def run(config, run_dir, *, steps, resume):
         try:
@@ -131,7 +131,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from nvae_tf.distribute import cluster_size, make_strategy
     from nvae_tf.tuning import NVAEHyperModel, TuningError, load_search_space, make_tuner
-    from trainers.train import RESUMABLE_KEYS
+    from trainers.training_loop import RESUMABLE_KEYS
 
     config = load_config(args)
     changes = {k: v for k, v in (("data_dir", args.data), ("precision", args.precision))
