@@ -4,8 +4,13 @@ Keras' ``Adamax`` differs in two ways that matter for matching the original's dy
 divides by ``u + eps`` (NVAE puts eps inside the max, ``u = max(b2*u, |g| + eps)``, with a large
 eps of 1e-3), and its ``weight_decay`` is decoupled (AdamW style), while NVAE adds an L2 term to
 the gradient before the moment updates. Hence this optimizer.
+
+It also sums the gradients over replicas BEFORE clipping: Keras clips each replica's local
+gradient and sums afterwards, so ``global_clipnorm`` would act on the wrong norm under
+``tf.distribute`` and results would depend on the number of replicas.
 """
 import keras
+import tensorflow as tf
 from keras import ops
 
 
@@ -53,6 +58,21 @@ class NVAEAdamax(keras.optimizers.Optimizer):
             return
         super().build(var_list)
         self._m, self._u = self.add_optimizer_variables(var_list, ["momentum", "norm"])
+
+    def _clip_gradients(self, grads):
+        """Sum over replicas, then clip the total (Keras' TF backend does it the other way)."""
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            present = [i for i, g in enumerate(grads) if g is not None]
+            summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+            grads = list(grads)
+            for i, g in zip(present, summed):
+                grads[i] = g
+        return super()._clip_gradients(grads)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        """Already summed in ``_clip_gradients``; Keras calls this hook after clipping."""
+        return list(grads_and_vars)
 
     def update_step(self, gradient, variable, learning_rate):
         """Apply the update rule of the class docstring to one variable."""

@@ -15,11 +15,12 @@ Making the two runs comparable:
     replicas while beta < 1; the comparison runs with ``kl_balance: false``.
   * Everything else is replica-exact: BN statistics are all-reduced, gradients are summed over
     replicas of (local mean loss / replicas), the spectral power-iteration vectors start equal.
-Tolerances: loss and NELBO rtol 1e-5; weights after one Adamax step (lr 1e-2) atol 1e-5, i.e.
-0.1% of the step: Adamax's first step is lr * g / (|g| + 1e-3), which turns the float32
+Tolerances: loss and NELBO rtol 1e-5; weights after one Adamax step (lr 1e-2) atol 3e-5, i.e.
+0.3% of the step: Adamax's first step is lr * g / (|g| + 1e-3), which turns the float32
 rounding differences of tiny gradients (e.g. a BN beta followed by a linear conv and another
-BN has a true gradient of 0) into weight differences up to 10x larger (seen: ~4e-6); BN
-moving statistics atol 1e-6 (means ~1e-2, variances ~1; seen: ~3e-7).
+BN has a true gradient of 0) into weight differences up to 10x larger, and one device runs
+batch norm as the fused kernel while replicas use the two-pass synchronized form (seen:
+~1.3e-5); BN moving statistics atol 1e-6 (means ~1e-2, variances ~1; seen: ~3e-7).
 """
 import json
 import os
@@ -60,9 +61,16 @@ def test_one_step_matches_one_device(report):
     # (grad_norm is not compared: train_step computes it from each replica's local gradients.)
     # The weights moved (lr > 0 at step 0 with warmup_epochs 0) and by the same amount.
     assert report["max_weight_change"] > 1e-3
-    assert report["max_weight_diff"] <= 1e-5, report["largest_weight_diffs"]
+    assert report["max_weight_diff"] <= 3e-5, report["largest_weight_diffs"]
     # Both replicas hold the same weights after the step.
     assert report["replica_weight_spread"] == 0.0
+
+
+def test_gradient_clipping_uses_the_summed_gradient(report):
+    """Clipping the replicas' gradient sum, not each replica's part: one device's result."""
+    clipped = report["clipped"]
+    assert clipped["diff_from_unclipped"] > 1e-4  # the clip was active
+    assert clipped["max_weight_diff"] <= 3e-5, clipped
 
 
 def test_batchnorm_is_synchronized(report):
@@ -205,6 +213,27 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
         moved = moved or bool(np.abs(a.moving_mean.numpy()).max() > 1e-3)
     report["max_bn_stat_diff"] = worst
     report["bn_stats_moved"] = moved
+
+    # --- global-norm clipping acts on the gradient summed over replicas ---------------------
+    clipped_config = config.replace(grad_clip_norm=0.05)  # far below the gradient norm
+    single_clipped = NVAE(clipped_config)
+    single_clipped.compile(steps_per_epoch=10)
+    single_clipped.set_weights(initial)
+    single_clipped.train_step(x)
+    with strategy.scope():
+        multi_clipped = NVAE(clipped_config)
+        multi_clipped.compile(steps_per_epoch=10)
+        multi_clipped.optimizer.build(multi_clipped.trainable_variables)
+    multi_clipped.set_weights(initial)
+    strategy.run(multi_clipped.train_step, args=(batch,))
+    mark("clipped steps")
+    report["clipped"] = {
+        "max_weight_diff": max(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in zip(
+            single_clipped.trainable_variables, multi_clipped.trainable_variables)),
+        "diff_from_unclipped": max(float(np.abs(a.numpy() - b).max()) for a, b in zip(
+            single_clipped.trainable_variables, after_single)),
+    }
+    print("clipped:", report["clipped"], file=sys.stderr)
 
     # --- NaN on replica 1 only --------------------------------------------------------------
     objective = multi.objective
