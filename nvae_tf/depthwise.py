@@ -4,7 +4,8 @@ TensorFlow's ``DepthwiseConv2dNativeBackpropFilter`` (oneDNN and Eigen alike) is
 most expensive op of an NVAE training step on a CPU. The same gradient,
 ``dK[i, j, c] = sum_{b, h, w} x_pad[b, h + i, w + j, c] * dy[b, h, w, c]``, is one VALID
 depthwise convolution of the padded input (batch moved into the channels) with ``dy`` as the
-filter, which runs 1.5-3x faster there. On GPUs cuDNN's own gradient is used.
+filter; with it, forward plus backward ran 1.6-3.6x faster on NVAE's shapes here. On GPUs
+cuDNN's own gradient is used.
 """
 import tensorflow as tf
 
