@@ -7,6 +7,7 @@ implementation's defaults; ``configs/*.yaml`` hold the paper runs (spec 9). The 
 """
 import dataclasses
 import math
+import os
 import typing
 from typing import Optional
 
@@ -114,8 +115,11 @@ class NVAEConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self, path):
-        with open(path, "w") as f:
+        """Write the config atomically: a killed write never leaves a half file at ``path``."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        os.replace(tmp, path)
 
     def replace(self, **changes):
         return self.from_dict({**self.to_dict(), **changes})

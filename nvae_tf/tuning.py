@@ -289,9 +289,7 @@ class NVAETuner(keras_tuner.Tuner):
         _atomic_write(os.path.join(self.directory, TRIALS_CSV), lambda f: _write_csv(rows, f))
         best = best_config(self)
         if best is not None:
-            path = os.path.join(self.directory, BEST_CONFIG)
-            best.to_yaml(f"{path}.tmp")
-            os.replace(f"{path}.tmp", path)
+            best.to_yaml(os.path.join(self.directory, BEST_CONFIG))
         return rows
 
 

@@ -206,9 +206,7 @@ class _Run:
         from nvae_tf.checkpoint import config_path
 
         os.makedirs(self.out_dir, exist_ok=True)
-        tmp = config_path(self.out_dir) + ".tmp"
-        self.config.to_yaml(tmp)
-        os.replace(tmp, config_path(self.out_dir))
+        self.config.to_yaml(config_path(self.out_dir))
 
     def _build_model(self):
         from nvae_tf.model import NVAE
