@@ -8,15 +8,21 @@ Layout::
                               (step, moments, loss scale, EMA weights) plus training state
     RUN/metrics.csv           one row per logged step
     RUN/tensorboard/          TensorBoard event files
+
+``check_run_dir`` decides whether a directory may take a new run or continue one.
 """
+import dataclasses
 import os
+import shutil
 
 import tensorflow as tf
 
-from nvae_tf.config import NVAEConfig
+from nvae_tf.config import ConfigError, NVAEConfig
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
+# The config fields a resumed run may change; all others must equal the run's config.yaml.
+RESUMABLE_KEYS = ("data_dir", "precision", "recompute", "jit_compile", "max_skipped_steps")
 
 
 class RunDirectoryError(FileNotFoundError):
@@ -39,6 +45,42 @@ def load_run_config(run_dir):
     return NVAEConfig.from_yaml(path)
 
 
+def check_run_dir(run_dir, config, resume):
+    """Check that ``run_dir`` can take a new run or, with ``resume``, holds one that ``config``
+    continues; returns the run's saved config when resuming, else None."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirectoryError(f"--out {run_dir} exists and is not a directory")
+    has_config = os.path.isfile(config_path(run_dir))
+    saves = checkpoint_dir(run_dir)
+    has_checkpoints = os.path.isdir(saves) and bool(os.listdir(saves))
+    if not resume:
+        if has_config or has_checkpoints:
+            raise RunDirectoryError(f"{run_dir} already holds a run: pass --resume to continue "
+                                    "it, or choose a new --out")
+        return None
+    if not has_config:
+        raise RunDirectoryError(f"--resume: {run_dir} holds no run ({config_path(run_dir)} is "
+                                "missing); drop --resume to start one")
+    saved = NVAEConfig.from_yaml(config_path(run_dir))
+    conflicts = [f"{f.name} (run: {getattr(saved, f.name)!r}, now: {getattr(config, f.name)!r})"
+                 for f in dataclasses.fields(saved)
+                 if f.name not in RESUMABLE_KEYS
+                 and getattr(saved, f.name) != getattr(config, f.name)]
+    if conflicts:
+        raise ConfigError(f"--resume: the config differs from {config_path(run_dir)} in "
+                          f"{', '.join(conflicts)}; only {', '.join(RESUMABLE_KEYS)} may "
+                          "change when resuming")
+    return saved
+
+
+def remove_partial_saves(directory):
+    """Delete ``*_temp`` folders a save killed mid-write left behind (never a valid checkpoint)."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.endswith("_temp"):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 def latest_checkpoint(run_dir):
     path = tf.train.latest_checkpoint(checkpoint_dir(run_dir))
     if path is None:
@@ -53,7 +95,7 @@ def restore_model(run_dir, use_ema=True, config=None):
     ``config`` may override the saved one (e.g. a different precision); the architecture
     fields must match the checkpoint.
     """
-    from nvae_tf.guarded_optimizer import make_optimizer
+    from nvae_tf.guarded_optimizer import make_optimizer, moving_averages
     from nvae_tf.model import NVAE
 
     config = config or load_run_config(run_dir)
@@ -66,7 +108,7 @@ def restore_model(run_dir, use_ema=True, config=None):
         objects["optimizer"] = optimizer
     tf.train.Checkpoint(**objects).restore(path).expect_partial()
     if "optimizer" in objects:
-        averages = objects["optimizer"].inner_optimizer._model_variables_moving_average
-        for variable, average in zip(model.trainable_variables, averages):
+        for variable, average in zip(model.trainable_variables,
+                                     moving_averages(objects["optimizer"])):
             variable.assign(average)
     return model

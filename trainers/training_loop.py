@@ -34,7 +34,6 @@ CHECKPOINT_EVERY = 1000
 KEEP_CHECKPOINTS = 3
 PROBE_IMAGES = 64  # fixed held-out batch for per-group KL, active units and image grids
 EVAL_SEED = 7  # fixed posterior noise for held-out ELBOs: comparable across evaluations
-RESUMABLE_KEYS = ("data_dir", "precision", "recompute", "jit_compile", "max_skipped_steps")
 TRAIN_RESULTS = ("loss", "nelbo", "bpd", "recon", "kl", "grad_norm", "spectral", "bn_penalty")
 METRICS_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
@@ -59,7 +58,7 @@ def train(config, out_dir, *, steps=None, resume=False, strategy=None, verbose=1
       steps: stop once the run's global step (batches trained, from its start, skipped
         non-finite steps included) reaches ``steps``; the schedules still span ``epochs``.
       resume: continue the run in ``out_dir`` from its latest checkpoint. Only the fields
-        in ``RESUMABLE_KEYS`` may differ from its ``config.yaml``.
+        in ``nvae_tf.checkpoint.RESUMABLE_KEYS`` may differ from its ``config.yaml``.
       strategy: a ``tf.distribute`` strategy (default ``make_strategy("auto")``).
       verbose: 0 silent, 1 progress bar, 2 one line per epoch.
       callbacks: extra Keras callbacks (e.g. a tuner's), called after the built-in ones.
@@ -137,10 +136,11 @@ class _Run:
             raise error
 
     def _check_inputs(self):
+        from nvae_tf.checkpoint import check_run_dir
         from nvae_tf.config import ConfigError
         from nvae_tf.data import num_examples
 
-        self._check_run_dir()
+        self.saved_config = check_run_dir(self.out_dir, self.config, self.resume)
         c, replicas = self.config, self.strategy.num_replicas_in_sync
         self.global_batch = c.batch_size * replicas
         self.num_train = num_examples(c, "train")
@@ -153,36 +153,6 @@ class _Run:
         if self.num_test < 1:
             raise ConfigError(f"dataset {c.dataset} has no test images to evaluate on")
         self._make_datasets()
-
-    def _check_run_dir(self):
-        from nvae_tf.checkpoint import RunDirectoryError, checkpoint_dir, config_path
-        from nvae_tf.config import ConfigError, NVAEConfig
-
-        out = self.out_dir
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise RunDirectoryError(f"--out {out} exists and is not a directory")
-        has_config = os.path.isfile(config_path(out))
-        saves = checkpoint_dir(out)
-        has_checkpoints = os.path.isdir(saves) and bool(os.listdir(saves))
-        if not self.resume:
-            if has_config or has_checkpoints:
-                raise RunDirectoryError(f"{out} already holds a run: pass --resume to continue "
-                                        "it, or choose a new --out")
-            return
-        if not has_config:
-            raise RunDirectoryError(f"--resume: {out} holds no run ({config_path(out)} is "
-                                    "missing); drop --resume to start one")
-        saved = NVAEConfig.from_yaml(config_path(out))
-        conflicts = [f"{f.name} (run: {getattr(saved, f.name)!r}, now: "
-                     f"{getattr(self.config, f.name)!r})"
-                     for f in dataclasses.fields(saved)
-                     if f.name not in RESUMABLE_KEYS
-                     and getattr(saved, f.name) != getattr(self.config, f.name)]
-        if conflicts:
-            raise ConfigError(f"--resume: the config differs from {config_path(out)} in "
-                              f"{', '.join(conflicts)}; only {', '.join(RESUMABLE_KEYS)} may "
-                              "change when resuming")
-        self.saved_config = saved
 
     def _make_datasets(self, seed=None):
         """Train/test pipelines of this worker and the probe batch (raises DataError)."""
@@ -268,7 +238,7 @@ class _Run:
         import tensorflow as tf
 
         from nvae_tf.callbacks import CSVMetrics
-        from nvae_tf.checkpoint import checkpoint_dir
+        from nvae_tf.checkpoint import checkpoint_dir, remove_partial_saves
 
         c = self.config
         if self.chief:
@@ -284,7 +254,7 @@ class _Run:
         writer = None
         try:
             if self.chief:
-                _remove_partial_saves(save_dir)
+                remove_partial_saves(save_dir)
                 CSVMetrics.truncate_after(os.path.join(self.out_dir, METRICS_FILE), step)
                 writer = tf.summary.create_file_writer(os.path.join(self.out_dir,
                                                                     TENSORBOARD_DIR))
@@ -438,21 +408,15 @@ def _evaluation_due(epoch, epochs):
     return epochs <= 50 or (epoch + 1) % 20 == 0 or epoch + 1 == epochs
 
 
-def _remove_partial_saves(directory):
-    """Delete ``*_temp`` folders a save killed mid-write left behind (never a valid checkpoint)."""
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.endswith("_temp"):
-                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _ema_weights(model):
     """Temporarily swap in the EMA of the weights when the run keeps one."""
     if not model.config.ema_decay:
         yield
         return
-    averages = model.optimizer.inner_optimizer._model_variables_moving_average
+    from nvae_tf.guarded_optimizer import moving_averages
+
+    averages = moving_averages(model.optimizer)
     backup = [v.numpy() for v in model.trainable_variables]
     for variable, average in zip(model.trainable_variables, averages):
         variable.assign(average)

@@ -129,9 +129,9 @@ def print_summary(rows, out):
 @entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from nvae_tf.checkpoint import RESUMABLE_KEYS
     from nvae_tf.distribute import cluster_size, make_strategy
     from nvae_tf.tuning import NVAEHyperModel, TuningError, load_search_space, make_tuner
-    from trainers.training_loop import RESUMABLE_KEYS
 
     config = load_config(args)
     changes = {k: v for k, v in (("data_dir", args.data), ("precision", args.precision))
