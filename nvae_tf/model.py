@@ -11,18 +11,18 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from nvae_tf.cells import DecoderCell, EncoderCell
+from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.config import CHANNEL_MULT, NVAEConfig
 from nvae_tf.distributions import CroppedBernoulli, DiscretizedLogisticMixture
-from nvae_tf.guarded_optimizer import make_optimizer
-from nvae_tf.latent_group import LatentGroup
-from nvae_tf.likelihood import bits_per_dim, importance_weighted
-from nvae_tf.normalization import BatchNorm
-from nvae_tf.objective import Objective
-from nvae_tf.recompute import recompute_cells, run_cells
-from nvae_tf.regularizers import SpectralRegularizer
-from nvae_tf.tracking import CheckpointListsMixin
-from nvae_tf.weight_norm import Conv2D
+from nvae_tf.training.guarded_optimizer import make_optimizer
+from nvae_tf.layers.latent_group import LatentGroup
+from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted
+from nvae_tf.layers.normalization import BatchNorm
+from nvae_tf.training.objective import Objective
+from nvae_tf.layers.recompute import recompute_cells, run_cells
+from nvae_tf.training.regularizers import SpectralRegularizer
+from nvae_tf.layers.tracking import CheckpointListsMixin
+from nvae_tf.layers.weight_norm import Conv2D
 
 tfd = tfp.distributions
 

@@ -112,9 +112,9 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
     sys.path.insert(0, str(HERE))
     from conftest import binary_images, tiny_config
 
-    from nvae_tf import latent_group
+    from nvae_tf.layers import latent_group
     from nvae_tf.model import NVAE
-    from nvae_tf.normalization import BatchNorm
+    from nvae_tf.layers.normalization import BatchNorm
 
     tfd = tfp.distributions
 

@@ -14,9 +14,9 @@ import tensorflow as tf  # noqa: E402
 from conftest import colour_config, tiny_config  # noqa: E402
 from tiny_runs import Run, write_colour_folder  # noqa: E402
 
-from nvae_tf.checkpoint import restore_model  # noqa: E402
-from nvae_tf.evaluation import evaluate, evaluation_dataset  # noqa: E402
-from nvae_tf.likelihood import bits_per_dim, iw_estimate, mean_and_standard_error  # noqa: E402
+from nvae_tf.run_dir import restore_model  # noqa: E402
+from nvae_tf.inference.evaluation import evaluate, evaluation_dataset  # noqa: E402
+from nvae_tf.inference.likelihood import bits_per_dim, iw_estimate, mean_and_standard_error  # noqa: E402
 from trainers import evaluate as eval_cli  # noqa: E402
 
 LOG_2PI = math.log(2 * math.pi)
@@ -189,9 +189,9 @@ def test_evaluation_distributed_over_two_replicas(runs, tmp_path):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from nvae_tf.checkpoint import restore_model
-        from nvae_tf.evaluation import evaluate, evaluation_dataset
-        from nvae_tf.checkpoint import load_run_config
+        from nvae_tf.run_dir import restore_model
+        from nvae_tf.inference.evaluation import evaluate, evaluation_dataset
+        from nvae_tf.run_dir import load_run_config
         run = {runs["mnist"].dir!r}
         config = load_run_config(run)
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

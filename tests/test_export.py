@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 from conftest import binary_images, tiny_config  # noqa: E402
 from tiny_runs import Run  # noqa: E402
 
-from nvae_tf.checkpoint import restore_model  # noqa: E402
-from nvae_tf.serving import SERVING_SEED, SIGNATURES  # noqa: E402
+from nvae_tf.run_dir import restore_model  # noqa: E402
+from nvae_tf.inference.serving import SERVING_SEED, SIGNATURES  # noqa: E402
 from trainers import export as export_cli  # noqa: E402
 
 pytestmark = pytest.mark.slow  # one export (tracing four graphs) and two fresh processes

@@ -1,4 +1,4 @@
-"""Tests for nvae_tf.flows: masks (spec 4), autoregressive Jacobians, bijector, serialization."""
+"""Tests for nvae_tf.layers.flows: masks (spec 4), autoregressive Jacobians, bijector, serialization."""
 import math
 import os
 
@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from nvae_tf.flows import (AutoregressiveShift, MaskedConv2D, PosteriorFlow,  # noqa: E402
+from nvae_tf.layers.flows import (AutoregressiveShift, MaskedConv2D, PosteriorFlow,  # noqa: E402
                            ShiftIAF, conv_mask)
 
 

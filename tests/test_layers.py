@@ -7,16 +7,16 @@ import pytest
 import tensorflow as tf
 from conftest import tiny_config
 
-from nvae_tf.cells import DecoderCell, EncoderCell
-from nvae_tf.depthwise import depthwise_conv2d_same
-from nvae_tf.combiners import DecoderCombiner, EncoderCombiner
-from nvae_tf.latent_group import LatentGroup
+from nvae_tf.layers.cells import DecoderCell, EncoderCell
+from nvae_tf.layers.depthwise import depthwise_conv2d_same
+from nvae_tf.layers.combiners import DecoderCombiner, EncoderCombiner
+from nvae_tf.layers.latent_group import LatentGroup
 from nvae_tf.model import NVAE
-from nvae_tf.normalization import BatchNorm, BNSwish
-from nvae_tf.recompute import run_cells
-from nvae_tf.skips import FactorizedReduce, UpSkip
-from nvae_tf.squeeze_excitation import SqueezeExcitation
-from nvae_tf.weight_norm import Conv2D
+from nvae_tf.layers.normalization import BatchNorm, BNSwish
+from nvae_tf.layers.recompute import run_cells
+from nvae_tf.layers.skips import FactorizedReduce, UpSkip
+from nvae_tf.layers.squeeze_excitation import SqueezeExcitation
+from nvae_tf.layers.weight_norm import Conv2D
 
 pytestmark = pytest.mark.usefixtures("seeded")
 

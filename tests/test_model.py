@@ -12,7 +12,7 @@ import tensorflow as tf
 from conftest import binary_images, colour_config, colour_images, tiny_config
 
 from nvae_tf.config import NVAEConfig
-from nvae_tf.likelihood import importance_weighted
+from nvae_tf.inference.likelihood import importance_weighted
 from nvae_tf.model import NVAE
 
 pytestmark = pytest.mark.usefixtures("seeded")

@@ -24,8 +24,8 @@ WORKER = """
 import json, sys
 import keras, numpy as np
 from nvae_tf.config import NVAEConfig
-from nvae_tf.distribute import make_strategy
-from trainers.training_loop import train
+from nvae_tf.training.distribute import make_strategy
+from nvae_tf.training.loop import train
 
 strategy = make_strategy("multi_worker")  # from TF_CONFIG, before any other TF work
 out, weights_file, result_file, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -63,7 +63,7 @@ def free_ports(n):
 
 @pytest.mark.slow
 def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(tmp_path):
-    from nvae_tf.checkpoint import latest_checkpoint, restore_model
+    from nvae_tf.run_dir import latest_checkpoint, restore_model
 
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     out, scratch = tmp_path / "run", tmp_path / "worker_tmp"

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from conftest import colour_config, colour_images
 
-from nvae_tf.likelihood import importance_weighted
+from nvae_tf.inference.likelihood import importance_weighted
 from nvae_tf.model import NVAE
 
 pytestmark = pytest.mark.usefixtures("seeded")

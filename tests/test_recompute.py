@@ -5,9 +5,9 @@ import pytest
 import tensorflow as tf
 from conftest import binary_images, tiny_config
 
-from nvae_tf.cells import DecoderCell, EncoderCell
+from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.model import NVAE
-from nvae_tf.recompute import recompute_cells, run_cells
+from nvae_tf.layers.recompute import recompute_cells, run_cells
 
 pytestmark = pytest.mark.usefixtures("seeded")
 

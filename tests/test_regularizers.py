@@ -1,4 +1,4 @@
-"""Tests for nvae_tf.regularizers: spectral regularizer (spec 5.4) and BN penalty (spec 5.5)."""
+"""Tests for nvae_tf.training.regularizers: spectral regularizer (spec 5.4) and BN penalty (spec 5.5)."""
 import os
 import subprocess
 import sys
@@ -11,9 +11,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from nvae_tf.flows import MaskedConv2D  # noqa: E402
-from nvae_tf.regularizers import SpectralRegularizer, batchnorm_penalty  # noqa: E402
-from nvae_tf.weight_norm import Conv2D  # noqa: E402
+from nvae_tf.layers.flows import MaskedConv2D  # noqa: E402
+from nvae_tf.training.regularizers import SpectralRegularizer, batchnorm_penalty  # noqa: E402
+from nvae_tf.layers.weight_norm import Conv2D  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -215,9 +215,9 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
-    from nvae_tf.flows import MaskedConv2D
-    from nvae_tf.regularizers import SpectralRegularizer
-    from nvae_tf.weight_norm import Conv2D
+    from nvae_tf.layers.flows import MaskedConv2D
+    from nvae_tf.training.regularizers import SpectralRegularizer
+    from nvae_tf.layers.weight_norm import Conv2D
 
     def make_convs():
         convs = [Conv2D(6, 3), Conv2D(6, 3), Conv2D(4, 5, depthwise=True),

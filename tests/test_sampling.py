@@ -10,9 +10,9 @@ from conftest import tiny_config  # noqa: E402
 from PIL import Image  # noqa: E402
 from tiny_runs import Run  # noqa: E402
 
-from nvae_tf import bn_readjust, sampling  # noqa: E402
-from nvae_tf.checkpoint import latest_checkpoint, restore_model  # noqa: E402
-from nvae_tf.image_grid import grid  # noqa: E402
+from nvae_tf.inference import bn_readjust, sampling  # noqa: E402
+from nvae_tf.run_dir import latest_checkpoint, restore_model  # noqa: E402
+from nvae_tf.inference.image_grid import grid  # noqa: E402
 from trainers import sample as sample_cli  # noqa: E402
 
 

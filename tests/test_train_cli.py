@@ -118,7 +118,7 @@ def test_existing_run_needs_resume_and_resume_needs_a_matching_config(tmp_path, 
 
 
 def test_skip_guard_stops_a_run_whose_every_step_is_non_finite(tmp_path, capsys, monkeypatch):
-    from nvae_tf.objective import Objective
+    from nvae_tf.training.objective import Objective
     from trainers.train import main
 
     original = Objective.__call__

@@ -9,10 +9,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from nvae_tf.kl_balancing import (SPEC_ALPHA_PER_SCALE, SPEC_GROUPS_PER_SCALE,  # noqa: E402
+from nvae_tf.training.kl_balancing import (SPEC_ALPHA_PER_SCALE, SPEC_GROUPS_PER_SCALE,  # noqa: E402
                                   balance_coefficients, balance_gamma, balanced_kl)
-from nvae_tf.optimizer import NVAEAdamax  # noqa: E402
-from nvae_tf.schedules import (NVAELearningRate, kl_coefficient,  # noqa: E402
+from nvae_tf.training.optimizer import NVAEAdamax  # noqa: E402
+from nvae_tf.training.schedules import (NVAELearningRate, kl_coefficient,  # noqa: E402
                                regularizer_weight)
 
 

@@ -13,9 +13,9 @@ import keras_tuner
 import pytest
 import yaml
 
-from nvae_tf.checkpoint import config_path
+from nvae_tf.run_dir import config_path
 from nvae_tf.config import NVAEConfig
-from nvae_tf.tuning import (BEST_CONFIG, HYPERBAND_MAX_EPOCHS, MAX_CONSECUTIVE_FAILURES,
+from nvae_tf.training.tuning import (BEST_CONFIG, HYPERBAND_MAX_EPOCHS, MAX_CONSECUTIVE_FAILURES,
                             OBJECTIVE, TRIALS_CSV, NVAEHyperModel, SearchSpaceError, TuningError,
                             load_search_space, make_tuner, parse_search_space)
 from trainers import tune as tune_cli
@@ -302,7 +302,7 @@ def test_bayesian_search_or_a_clear_missing_dependency_error(tmp_path):
 
 
 def test_failure_reason_is_the_last_line_of_the_traceback():
-    from nvae_tf.tuning import failure_reason
+    from nvae_tf.training.tuning import failure_reason
 
     trace = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
              "keras_tuner.src.errors.FailedTrialError: diverged: loss is nan\n")

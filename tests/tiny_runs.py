@@ -13,8 +13,8 @@ import tensorflow as tf
 from PIL import Image
 
 from nvae_tf import NVAE
-from nvae_tf.checkpoint import checkpoint_dir, config_path
-from nvae_tf.guarded_optimizer import make_optimizer
+from nvae_tf.run_dir import checkpoint_dir, config_path
+from nvae_tf.training.guarded_optimizer import make_optimizer
 
 
 def write_colour_folder(root, image_size=16, num_train=8, num_test=12, seed=0):

@@ -39,10 +39,10 @@ def _positive(name, value):
 def run(args):
     import tensorflow as tf
 
-    from nvae_tf.checkpoint import latest_checkpoint, load_run_config, restore_model
+    from nvae_tf.run_dir import latest_checkpoint, load_run_config, restore_model
     from nvae_tf.data import num_examples
-    from nvae_tf.distribute import make_strategy
-    from nvae_tf.evaluation import evaluate, evaluation_dataset
+    from nvae_tf.training.distribute import make_strategy
+    from nvae_tf.inference.evaluation import evaluate, evaluation_dataset
 
     for name in ("num_iw_samples", "batch_size", "num_images", "max_images_per_pass"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))

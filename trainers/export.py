@@ -3,7 +3,7 @@
     nvae-export --checkpoint RUN --out DIR [--max-images-per-pass 256]
 
 The SavedModel has the signatures ``sample``, ``reconstruct``, ``encode`` and
-``log_likelihood`` (see ``nvae_tf.serving``) and loads with plain ``tf.saved_model.load``,
+``log_likelihood`` (see ``nvae_tf.inference.serving``) and loads with plain ``tf.saved_model.load``,
 without nvae_tf installed.
 """
 import os
@@ -26,8 +26,8 @@ def main(argv=None):
     if os.path.exists(args.out) and os.listdir(args.out):
         raise UserError(f"{args.out} exists and is not empty; choose a new --out folder")
 
-    from nvae_tf.checkpoint import latest_checkpoint, restore_model
-    from nvae_tf.serving import SIGNATURES, export
+    from nvae_tf.run_dir import latest_checkpoint, restore_model
+    from nvae_tf.inference.serving import SIGNATURES, export
 
     model = restore_model(args.checkpoint)
     export(model, args.out, args.max_images_per_pass)

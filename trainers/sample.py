@@ -56,9 +56,9 @@ def _interleave(originals, reconstructions, columns):
 
 
 def run(args):
-    from nvae_tf import bn_readjust, sampling
-    from nvae_tf.checkpoint import latest_checkpoint, load_run_config, restore_model
-    from nvae_tf.image_grid import save_grid
+    from nvae_tf.inference import bn_readjust, sampling
+    from nvae_tf.run_dir import latest_checkpoint, load_run_config, restore_model
+    from nvae_tf.inference.image_grid import save_grid
 
     for name in ("temperature", "decoder_temperature"):
         value = getattr(args, name)
@@ -119,7 +119,7 @@ def run(args):
 
 @entry_point
 def main(argv=None):
-    from nvae_tf.bn_readjust import DEFAULT_BATCH_SIZE, DEFAULT_PASSES
+    from nvae_tf.inference.bn_readjust import DEFAULT_BATCH_SIZE, DEFAULT_PASSES
 
     p = parser("Sample, reconstruct and draw fixed-top-scale grids from a trained NVAE run.")
     p.add_argument("--checkpoint", required=True, metavar="RUN",

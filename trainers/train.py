@@ -1,17 +1,17 @@
 """``nvae-train``: train NVAE on a config's dataset, writing the run directory ``--out``.
 
-The loop itself (exact resume, strategies, callbacks) is ``trainers.training_loop.train``.
+The loop itself (exact resume, strategies, callbacks) is ``nvae_tf.training.loop.train``.
 """
 import sys
 
 from trainers.cli import UserError, entry_point, parser, positive_int
-from trainers.training_loop import (CHECKPOINT_EVERY, IMAGE_EVERY, KEEP_CHECKPOINTS, LOG_EVERY,
+from nvae_tf.training.loop import (CHECKPOINT_EVERY, IMAGE_EVERY, KEEP_CHECKPOINTS, LOG_EVERY,
                                     TrainingDiverged, train)
 
 
 def build_parser():
     from nvae_tf.config import PRECISIONS, RECOMPUTE
-    from nvae_tf.distribute import STRATEGIES
+    from nvae_tf.training.distribute import STRATEGIES
 
     p = parser("Train NVAE. Writes config.yaml, checkpoints/, metrics.csv and tensorboard/ to "
                "--out, then prints the held-out ELBO.")
@@ -53,7 +53,7 @@ def build_parser():
 
 def config_from_args(args):
     """The config a command line asks for: file (or the run's), then --set, then flags."""
-    from nvae_tf.checkpoint import load_run_config
+    from nvae_tf.run_dir import load_run_config
     from nvae_tf.config import NVAEConfig
 
     if args.config:
@@ -72,7 +72,7 @@ def config_from_args(args):
 @entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from nvae_tf.distribute import make_strategy, set_cluster
+    from nvae_tf.training.distribute import make_strategy, set_cluster
 
     config = config_from_args(args)
     strategy_name = args.strategy

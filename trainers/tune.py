@@ -1,7 +1,7 @@
 """``nvae-tune``: search NVAE hyperparameters with keras-tuner, using short training runs.
 
 Each trial is the base config (``--config``, ``--set``) with values sampled from the search space
-(``--space``, see ``nvae_tf.tuning``), trained for ``--steps-per-trial`` steps (the first steps of
+(``--space``, see ``nvae_tf.training.tuning``), trained for ``--steps-per-trial`` steps (the first steps of
 the config's own schedule) and scored by the held-out negative ELBO in bits/dim. A trial whose
 config is invalid or whose training diverges is recorded as failed, with its reason, and the
 search goes on. ``--out`` receives:
@@ -26,7 +26,7 @@ SEARCH_FILE = "search.yaml"
 
 def build_parser():
     from nvae_tf.config import PRECISIONS
-    from nvae_tf.tuning import TUNERS
+    from nvae_tf.training.tuning import TUNERS
 
     p = parser("Search NVAE hyperparameters with keras-tuner: short training runs scored by the "
                "held-out negative ELBO (bits/dim). Run the same command again to resume.")
@@ -81,10 +81,10 @@ def _record_search(out, identity):
 
 
 def _trial_trainer(strategy, verbose):
-    """``trainers.training_loop.train`` for one trial; divergence marks the trial as failed."""
+    """``nvae_tf.training.loop.train`` for one trial; divergence marks the trial as failed."""
     import keras_tuner
 
-    from trainers.training_loop import TrainingDiverged, train
+    from nvae_tf.training.loop import TrainingDiverged, train
 
     def run(config, run_dir, *, steps, resume):
         try:
@@ -98,7 +98,7 @@ def _trial_trainer(strategy, verbose):
 
 def print_summary(rows, out):
     """The trials table, best first, and where the best config is."""
-    from nvae_tf.tuning import BEST_CONFIG, OBJECTIVE
+    from nvae_tf.training.tuning import BEST_CONFIG, OBJECTIVE
 
     def text(value):
         if value is None:
@@ -129,9 +129,9 @@ def print_summary(rows, out):
 @entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from nvae_tf.checkpoint import RESUMABLE_KEYS
-    from nvae_tf.distribute import cluster_size, make_strategy
-    from nvae_tf.tuning import NVAEHyperModel, TuningError, load_search_space, make_tuner
+    from nvae_tf.run_dir import RESUMABLE_KEYS
+    from nvae_tf.training.distribute import cluster_size, make_strategy
+    from nvae_tf.training.tuning import NVAEHyperModel, TuningError, load_search_space, make_tuner
 
     config = load_config(args)
     changes = {k: v for k, v in (("data_dir", args.data), ("precision", args.precision))

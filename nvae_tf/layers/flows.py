@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from nvae_tf.weight_norm import Conv2D
+from nvae_tf.layers.weight_norm import Conv2D
 
 tfb = tfp.bijectors
 

@@ -7,10 +7,10 @@ Down cells double the channels, up cells halve them (spec 1.2).
 import keras
 import tensorflow as tf
 
-from nvae_tf.normalization import BatchNorm, BNSwish
-from nvae_tf.skips import FactorizedReduce, UpSkip
-from nvae_tf.squeeze_excitation import SqueezeExcitation
-from nvae_tf.weight_norm import Conv2D
+from nvae_tf.layers.normalization import BatchNorm, BNSwish
+from nvae_tf.layers.skips import FactorizedReduce, UpSkip
+from nvae_tf.layers.squeeze_excitation import SqueezeExcitation
+from nvae_tf.layers.weight_norm import Conv2D
 
 RESIDUAL_SCALE = 0.1  # fixed, not learned (spec 2.1)
 CHANNEL_MULT = 2

@@ -20,7 +20,7 @@ signature matching, which names the expected TensorSpec.
 """
 import tensorflow as tf
 
-from nvae_tf.likelihood import bits_per_dim
+from nvae_tf.inference.likelihood import bits_per_dim
 
 SERVING_SEED = 0
 SIGNATURES = ("sample", "reconstruct", "encode", "log_likelihood")

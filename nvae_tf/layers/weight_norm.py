@@ -11,7 +11,7 @@ import math
 import keras
 import tensorflow as tf
 
-from nvae_tf.depthwise import depthwise_conv2d_same
+from nvae_tf.layers.depthwise import depthwise_conv2d_same
 
 _NORM_EPS = 1e-5
 

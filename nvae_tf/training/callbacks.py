@@ -14,8 +14,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nvae_tf.image_grid import grid
-from nvae_tf.schedules import kl_coefficient, regularizer_weight
+from nvae_tf.inference.image_grid import grid
+from nvae_tf.training.schedules import kl_coefficient, regularizer_weight
 
 ACTIVE_UNIT_KL = 0.1  # a latent channel is "active" when its KL exceeds this (nats, spec 3.3)
 SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # the original's sample grids (spec 5.10)

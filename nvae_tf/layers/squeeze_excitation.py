@@ -2,7 +2,7 @@
 import keras
 from keras import ops
 
-from nvae_tf.weight_norm import torch_uniform
+from nvae_tf.layers.weight_norm import torch_uniform
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")

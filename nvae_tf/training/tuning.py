@@ -32,7 +32,7 @@ import keras
 import keras_tuner
 import tensorflow as tf
 
-from nvae_tf.checkpoint import config_path
+from nvae_tf.run_dir import config_path
 from nvae_tf.config import ConfigError, NVAEConfig, _coerce, read_yaml
 from nvae_tf.data import DataError
 
@@ -174,7 +174,7 @@ class NVAEHyperModel(keras_tuner.HyperModel):
     """The search space over a base config.
 
     ``build(hp)`` returns the trial's ``NVAEConfig``; ``fit`` trains it with ``train_fn`` (the
-    signature of ``trainers.training_loop.train``, which must raise ``FailedTrialError`` when training
+    signature of ``nvae_tf.training.loop.train``, which must raise ``FailedTrialError`` when training
     diverges) and returns the held-out negative ELBO in bits/dim under ``OBJECTIVE``.
     """
 

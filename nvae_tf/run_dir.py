@@ -95,7 +95,7 @@ def restore_model(run_dir, use_ema=True, config=None):
     ``config`` may override the saved one (e.g. a different precision); the architecture
     fields must match the checkpoint.
     """
-    from nvae_tf.guarded_optimizer import make_optimizer, moving_averages
+    from nvae_tf.training.guarded_optimizer import make_optimizer, moving_averages
     from nvae_tf.model import NVAE
 
     config = config or load_run_config(run_dir)

@@ -11,8 +11,8 @@ It counts skipped steps (total and consecutive) so training can be stopped when 
 import keras
 import tensorflow as tf
 
-from nvae_tf.optimizer import NVAEAdamax
-from nvae_tf.schedules import NVAELearningRate
+from nvae_tf.training.optimizer import NVAEAdamax
+from nvae_tf.training.schedules import NVAELearningRate
 
 INITIAL_LOSS_SCALE = 2.0 ** 10  # the original's GradScaler(init_scale=2**10) (spec 5.9)
 

@@ -2,7 +2,7 @@
 KL per latent group and the number of active latent channels.
 
 Every batch runs one compiled step: K posterior samples per image in chunks
-(``nvae_tf.likelihood``), plus one more posterior pass for the KL statistics. With a
+(``nvae_tf.inference.likelihood``), plus one more posterior pass for the KL statistics. With a
 ``tf.distribute`` strategy each replica takes its share of the batch and the per-image values
 are gathered. Results are means over images with standard errors over images; ``elbo_*`` are
 the negative ELBO, the upper bound on ``nll_*`` that bpd tables report.
@@ -10,7 +10,7 @@ the negative ELBO, the upper bound on ``nll_*`` that bpd tables report.
 import numpy as np
 import tensorflow as tf
 
-from nvae_tf.likelihood import bits_per_dim, importance_weighted, mean_and_standard_error
+from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted, mean_and_standard_error
 
 ACTIVE_KL_THRESHOLD = 0.1  # nats per channel, summed over space (the original's kl_diag)
 

@@ -5,9 +5,9 @@
 """
 import tensorflow as tf
 
-from nvae_tf.kl_balancing import balance_coefficients, balanced_kl
-from nvae_tf.regularizers import batchnorm_penalty
-from nvae_tf.schedules import kl_coefficient, regularizer_weight
+from nvae_tf.training.kl_balancing import balance_coefficients, balanced_kl
+from nvae_tf.training.regularizers import batchnorm_penalty
+from nvae_tf.training.schedules import kl_coefficient, regularizer_weight
 
 
 class Objective:

@@ -2,7 +2,7 @@
 
 Momentum 0.95 / epsilon 1e-5 (PyTorch momentum 0.05, eps 1e-5), statistics synchronized across
 replicas. ``update_stats=False`` normalizes with batch statistics without touching the moving
-averages: the recompute pass of ``nvae_tf.recompute`` needs it, since a second update per step
+averages: the recompute pass of ``nvae_tf.layers.recompute`` needs it, since a second update per step
 would change the statistics (``tf.recompute_grad`` has no such switch).
 """
 import keras

@@ -22,8 +22,8 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
-from nvae_tf.normalization import BatchNorm
-from nvae_tf.sampling import NonFiniteSamplesError
+from nvae_tf.layers.normalization import BatchNorm
+from nvae_tf.inference.sampling import NonFiniteSamplesError
 
 DEFAULT_PASSES = 500
 DEFAULT_BATCH_SIZE = 16

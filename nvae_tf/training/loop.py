@@ -1,6 +1,6 @@
 """The training loop behind ``nvae-train``: ``train(config, out_dir, ...)``.
 
-The run directory (see ``nvae_tf.checkpoint``) receives ``config.yaml``, checkpoints,
+The run directory (see ``nvae_tf.run_dir``) receives ``config.yaml``, checkpoints,
 ``metrics.csv`` and TensorBoard logs; at the end the held-out ELBO is evaluated and printed.
 ``trainers/train.py`` is its command line; the tuner calls ``train`` directly.
 
@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 
-from trainers.cli import UserError
+from nvae_tf.config import ConfigError
 
 LOG_EVERY = 100  # the original logs every 100 steps (spec 5.10)
 IMAGE_EVERY = 1000  # ... and writes a reconstruction grid every 1000
@@ -58,7 +58,7 @@ def train(config, out_dir, *, steps=None, resume=False, strategy=None, verbose=1
       steps: stop once the run's global step (batches trained, from its start, skipped
         non-finite steps included) reaches ``steps``; the schedules still span ``epochs``.
       resume: continue the run in ``out_dir`` from its latest checkpoint. Only the fields
-        in ``nvae_tf.checkpoint.RESUMABLE_KEYS`` may differ from its ``config.yaml``.
+        in ``nvae_tf.run_dir.RESUMABLE_KEYS`` may differ from its ``config.yaml``.
       strategy: a ``tf.distribute`` strategy (default ``make_strategy("auto")``).
       verbose: 0 silent, 1 progress bar, 2 one line per epoch.
       callbacks: extra Keras callbacks (e.g. a tuner's), called after the built-in ones.
@@ -77,13 +77,13 @@ def train(config, out_dir, *, steps=None, resume=False, strategy=None, verbose=1
     """
     import keras
 
-    from nvae_tf.distribute import is_chief, make_strategy, precision_policy
+    from nvae_tf.training.distribute import is_chief, make_strategy, precision_policy
 
     for name, value in (("steps", steps or 1), ("log_every", log_every),
                         ("image_every", image_every), ("checkpoint_every", checkpoint_every),
                         ("keep_checkpoints", keep_checkpoints)):
         if int(value) < 1:
-            raise UserError(f"{name} must be >= 1, got {value}")
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     strategy = strategy or make_strategy("auto")
     keras.utils.set_random_seed(config.seed)  # identical initialization on every worker
     run = _Run(config, out_dir, strategy, resume, chief=is_chief(strategy))
@@ -119,8 +119,7 @@ class _Run:
     # --- checks (nothing is written before these pass) ------------------------------------
     def check_inputs(self):
         """Validate everything; with several workers, all agree before the chief writes."""
-        from nvae_tf.config import ConfigError
-        from nvae_tf.distribute import is_multi_worker, sum_over_workers
+        from nvae_tf.training.distribute import is_multi_worker, sum_over_workers
 
         error = None
         try:
@@ -136,8 +135,7 @@ class _Run:
             raise error
 
     def _check_inputs(self):
-        from nvae_tf.checkpoint import check_run_dir
-        from nvae_tf.config import ConfigError
+        from nvae_tf.run_dir import check_run_dir
         from nvae_tf.data import num_examples
 
         self.saved_config = check_run_dir(self.out_dir, self.config, self.resume)
@@ -157,7 +155,7 @@ class _Run:
     def _make_datasets(self, seed=None):
         """Train/test pipelines of this worker and the probe batch (raises DataError)."""
         from nvae_tf.data import load_dataset
-        from nvae_tf.distribute import input_context, is_multi_worker, num_workers
+        from nvae_tf.training.distribute import input_context, is_multi_worker, num_workers
 
         c = self.config
         context = input_context(self.strategy) if is_multi_worker(self.strategy) else None
@@ -173,7 +171,7 @@ class _Run:
 
     # --- set-up -------------------------------------------------------------------------
     def _write_run_dir(self):
-        from nvae_tf.checkpoint import config_path
+        from nvae_tf.run_dir import config_path
 
         os.makedirs(self.out_dir, exist_ok=True)
         self.config.to_yaml(config_path(self.out_dir))
@@ -191,8 +189,8 @@ class _Run:
         """Restore the latest checkpoint (if any) and create the data iterator to continue."""
         import tensorflow as tf
 
-        from nvae_tf.callbacks import global_step
-        from nvae_tf.checkpoint import checkpoint_dir
+        from nvae_tf.training.callbacks import global_step
+        from nvae_tf.run_dir import checkpoint_dir
 
         # Keras metrics are not trackable themselves; their variables are (epoch averages).
         metrics = {f"{m.name}_{v.name}": v for m in model.metrics for v in m.variables}
@@ -217,7 +215,7 @@ class _Run:
 
     def _callbacks(self, model, manager, writer, verbose, log_every, image_every,
                    checkpoint_every):
-        from nvae_tf import callbacks as cb
+        from nvae_tf.training import callbacks as cb
 
         guard = cb.SkipGuard(self.config.max_skipped_steps)
         chain = [cb.TrainingDiagnostics(self.probe_images, log_every), guard,
@@ -237,8 +235,8 @@ class _Run:
         import keras
         import tensorflow as tf
 
-        from nvae_tf.callbacks import CSVMetrics
-        from nvae_tf.checkpoint import checkpoint_dir, remove_partial_saves
+        from nvae_tf.training.callbacks import CSVMetrics
+        from nvae_tf.run_dir import checkpoint_dir, remove_partial_saves
 
         c = self.config
         if self.chief:
@@ -294,7 +292,7 @@ class _Run:
 
     def _loop(self, model, iterator, callbacks, stop_at, stop):
         """Keras fit's callback protocol over the checkpointed iterator, up to ``stop_at``."""
-        from nvae_tf.distribute import distribute_batch
+        from nvae_tf.training.distribute import distribute_batch
 
         train_step = _make_train_step(model, self.strategy)
         step, logs, evaluated, epoch_open = _global_step(model), {}, None, False
@@ -334,8 +332,8 @@ class _Run:
         """
         import tensorflow as tf
 
-        from nvae_tf.distribute import sum_over_workers, worker_id
-        from nvae_tf.likelihood import bits_per_dim
+        from nvae_tf.training.distribute import sum_over_workers, worker_id
+        from nvae_tf.inference.likelihood import bits_per_dim
 
         if self._score is None:
             @tf.function(reduce_retracing=True)
@@ -398,7 +396,7 @@ def _make_train_step(model, strategy):
 
 
 def _global_step(model):
-    from nvae_tf.callbacks import global_step
+    from nvae_tf.training.callbacks import global_step
 
     return global_step(model)
 
@@ -414,7 +412,7 @@ def _ema_weights(model):
     if not model.config.ema_decay:
         yield
         return
-    from nvae_tf.guarded_optimizer import moving_averages
+    from nvae_tf.training.guarded_optimizer import moving_averages
 
     averages = moving_averages(model.optimizer)
     backup = [v.numpy() for v in model.trainable_variables]

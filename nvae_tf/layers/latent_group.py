@@ -8,12 +8,12 @@ mixed in by the encoder combiner (spec 1.1, 1.5, 1.6, 3.2, 3.3).
 import keras
 import tensorflow as tf
 
-from nvae_tf.cells import DecoderCell
-from nvae_tf.combiners import DecoderCombiner, EncoderCombiner
+from nvae_tf.layers.cells import DecoderCell
+from nvae_tf.layers.combiners import DecoderCombiner, EncoderCombiner
 from nvae_tf.distributions import latent_normal, residual_normal, top_prior
-from nvae_tf.flows import PosteriorFlow
-from nvae_tf.tracking import CheckpointListsMixin
-from nvae_tf.weight_norm import Conv2D
+from nvae_tf.layers.flows import PosteriorFlow
+from nvae_tf.layers.tracking import CheckpointListsMixin
+from nvae_tf.layers.weight_norm import Conv2D
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")

@@ -2,7 +2,7 @@
 import keras
 import tensorflow as tf
 
-from nvae_tf.weight_norm import Conv2D
+from nvae_tf.layers.weight_norm import Conv2D
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")

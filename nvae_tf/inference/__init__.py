@@ -1,0 +1,1 @@
+"""Using a trained model: likelihoods, evaluation, sampling, BN re-adjustment and serving."""

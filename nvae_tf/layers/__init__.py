@@ -1,0 +1,1 @@
+"""The network's building blocks as Keras layers: convs, normalization, cells, flows, groups."""

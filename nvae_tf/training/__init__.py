@@ -1,0 +1,1 @@
+"""Training: the objective and its schedules, the optimizer, the loop, callbacks and tuning."""
