@@ -12,6 +12,7 @@ table and appended, one JSON line per variant, to ``--results``.
     python benchmarks/train_step.py --config configs/cifar10.yaml --batch-size 4 \
         --precision float32 --recompute none cell --xla off
 """
+
 import argparse
 import ctypes
 import datetime
@@ -37,8 +38,11 @@ def run_variant(args):
     from nvae_tf import NVAE, NVAEConfig
 
     config = NVAEConfig.from_yaml(args.config).replace(
-        batch_size=args.batch_size, precision=args.precision, recompute=args.recompute,
-        jit_compile=args.xla == "on")
+        batch_size=args.batch_size,
+        precision=args.precision,
+        recompute=args.recompute,
+        jit_compile=args.xla == "on",
+    )
     keras.mixed_precision.set_global_policy(config.precision)
     model = NVAE(config)
     model.compile(steps_per_epoch=1000, jit_compile=config.jit_compile)
@@ -48,7 +52,7 @@ def run_variant(args):
     if config.decoder == "bernoulli":
         images = tf.cast(images > 0.5, tf.float32)
     else:
-        levels = 2 ** config.num_x_bits - 1
+        levels = 2**config.num_x_bits - 1
         images = tf.round(images * levels) / levels
     step = tf.function(model.train_step, jit_compile=config.jit_compile)
     start = time.perf_counter()
@@ -68,10 +72,19 @@ def run_variant(args):
     tensor_peak = tf.config.experimental.get_memory_info(device)["peak"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sec = sorted(times)[len(times) // 2]
-    print(json.dumps({"sec_per_step": sec, "images_per_sec": args.batch_size / sec,
-                      "startup_sec": startup, "tensor_peak_mb": tensor_peak / 2 ** 20,
-                      "step_peak_memory_mb": _peak_rss() / 2 ** 20,
-                      "peak_memory_mb": peak / 2 ** 20, "device": "GPU" if gpus else "CPU"}))
+    print(
+        json.dumps(
+            {
+                "sec_per_step": sec,
+                "images_per_sec": args.batch_size / sec,
+                "startup_sec": startup,
+                "tensor_peak_mb": tensor_peak / 2**20,
+                "step_peak_memory_mb": _peak_rss() / 2**20,
+                "peak_memory_mb": peak / 2**20,
+                "device": "GPU" if gpus else "CPU",
+            }
+        )
+    )
 
 
 def _reset_peak_rss():
@@ -94,47 +107,90 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--precision", nargs="+", default=["float32"],
-                   choices=["float32", "mixed_float16", "mixed_bfloat16"])
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "mixed_float16", "mixed_bfloat16"],
+    )
     p.add_argument("--recompute", nargs="+", default=["none"], choices=["none", "cell", "group"])
     p.add_argument("--xla", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="untimed steps, the first of which traces (at least 1)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps, the first of which traces (at least 1)",
+    )
     p.add_argument("--results", default=os.path.join(HERE, "results.jsonl"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return run_variant(argparse.Namespace(**{**vars(args), "precision": args.precision[0],
-                                                 "recompute": args.recompute[0],
-                                                 "xla": args.xla[0]}))
+        return run_variant(
+            argparse.Namespace(
+                **{
+                    **vars(args),
+                    "precision": args.precision[0],
+                    "recompute": args.recompute[0],
+                    "xla": args.xla[0],
+                }
+            )
+        )
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1")
-    print(f"{'config':<22}{'batch':>6} {'precision':<15}{'recompute':<10}{'xla':<5}"
-          f"{'s/step':>8}{'img/s':>9}{'startup s':>10}{'tensor MB':>10}{'RSS MB':>9}")
+    print(
+        f"{'config':<22}{'batch':>6} {'precision':<15}{'recompute':<10}{'xla':<5}"
+        f"{'s/step':>8}{'img/s':>9}{'startup s':>10}{'tensor MB':>10}{'RSS MB':>9}"
+    )
     for precision in args.precision:
         for recompute in args.recompute:
             for xla in args.xla:
-                cmd = [sys.executable, __file__, "--child", "--config", args.config,
-                       "--batch-size", str(args.batch_size), "--precision", precision,
-                       "--recompute", recompute, "--xla", xla, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "--config",
+                    args.config,
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--precision",
+                    precision,
+                    "--recompute",
+                    recompute,
+                    "--xla",
+                    xla,
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                ]
                 env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
-                    print(f"variant {precision}/{recompute}/xla={xla} failed:\n{proc.stderr[-2000:]}")
+                    print(
+                        f"variant {precision}/{recompute}/xla={xla} failed:\n{proc.stderr[-2000:]}"
+                    )
                     continue
                 result = json.loads(proc.stdout.strip().splitlines()[-1])
-                row = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                       "host": platform.node(), "cpus": os.cpu_count(),
-                       "config": os.path.basename(args.config), "batch_size": args.batch_size,
-                       "precision": precision, "recompute": recompute, "xla": xla, **result}
+                row = {
+                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "host": platform.node(),
+                    "cpus": os.cpu_count(),
+                    "config": os.path.basename(args.config),
+                    "batch_size": args.batch_size,
+                    "precision": precision,
+                    "recompute": recompute,
+                    "xla": xla,
+                    **result,
+                }
                 with open(args.results, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                print(f"{row['config']:<22}{args.batch_size:>6} {precision:<15}{recompute:<10}"
-                      f"{xla:<5}{result['sec_per_step']:>8.2f}{result['images_per_sec']:>9.1f}"
-                      f"{result['startup_sec']:>10.0f}{result['tensor_peak_mb']:>10.0f}"
-                      f"{result['step_peak_memory_mb']:>9.0f}")
+                print(
+                    f"{row['config']:<22}{args.batch_size:>6} {precision:<15}{recompute:<10}"
+                    f"{xla:<5}{result['sec_per_step']:>8.2f}{result['images_per_sec']:>9.1f}"
+                    f"{result['startup_sec']:>10.0f}{result['tensor_peak_mb']:>10.0f}"
+                    f"{result['step_peak_memory_mb']:>9.0f}"
+                )
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@
 implementation's defaults; ``configs/*.yaml`` hold the paper runs (spec 9). The derived layout
 (groups per scale, channels, spatial sizes) lives here too, since every tool needs it.
 """
+
 import dataclasses
 import math
 import os
 import typing
-from typing import Optional
 
 import yaml
 
@@ -38,15 +38,25 @@ class ConfigError(ValueError):
 class NVAEConfig:
     # --- data --------------------------------------------------------------------------------
     dataset: str = "bundled_mnist"
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     image_size: int = 32
     image_channels: int = 1
     num_x_bits: int = 1  # 1 = binarized (Bernoulli decoder); 8 or 5 for colour sets
-    random_flip: bool = True  # random horizontal flips of training images (never MNIST), as the original
-    test_fraction: float = 0.1  # share held out of a folder/TFRecord set that has no train/test sub-folders
-    skip_bad_files: bool = False  # skip (and count) unreadable or mis-shaped images instead of failing
-    deterministic_data: bool = True  # fixed element order, so a checkpointed data iterator resumes exactly
-    shuffle_buffer: int = 10000  # streamed sets (TFDS, TFRecord); in-memory sets and folders shuffle fully
+    random_flip: bool = (
+        True  # random horizontal flips of training images (never MNIST), as the original
+    )
+    test_fraction: float = (
+        0.1  # share held out of a folder/TFRecord set that has no train/test sub-folders
+    )
+    skip_bad_files: bool = (
+        False  # skip (and count) unreadable or mis-shaped images instead of failing
+    )
+    deterministic_data: bool = (
+        True  # fixed element order, so a checkpointed data iterator resumes exactly
+    )
+    shuffle_buffer: int = (
+        10000  # streamed sets (TFDS, TFRecord); in-memory sets and folders shuffle fully
+    )
     # --- architecture (spec 1.7) ------------------------------------------------------------
     num_channels_enc: int = 32
     num_channels_dec: int = 32
@@ -99,7 +109,9 @@ class NVAEConfig:
     @classmethod
     def from_dict(cls, values):
         if not isinstance(values, dict):
-            raise ConfigError(f"config must be a mapping of field: value, got {type(values).__name__}")
+            raise ConfigError(
+                f"config must be a mapping of field: value, got {type(values).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -156,14 +168,16 @@ class NVAEConfig:
     @property
     def latent_sizes(self):
         """Spatial size of each latent scale, top first."""
-        return [self.top_size * 2 ** s for s in range(self.num_latent_scales)]
+        return [self.top_size * 2**s for s in range(self.num_latent_scales)]
 
     @property
     def channels_per_scale(self):
         """Decoder channels at each latent scale, top first."""
         top_mult = CHANNEL_MULT ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
-        return [self.num_channels_dec * top_mult // CHANNEL_MULT ** s
-                for s in range(self.num_latent_scales)]
+        return [
+            self.num_channels_dec * top_mult // CHANNEL_MULT**s
+            for s in range(self.num_latent_scales)
+        ]
 
     @property
     def h_shape(self):
@@ -175,7 +189,7 @@ class NVAEConfig:
         """Dimensions D of the likelihood (bpd = nats / (ln2 * D)); MNIST scored on 28x28."""
         if self.decoder == "bernoulli" and self.image_size == 32 and self.is_mnist:
             return 28 * 28 * self.image_channels
-        return self.image_size ** 2 * self.image_channels
+        return self.image_size**2 * self.image_channels
 
     @property
     def is_mnist(self):
@@ -195,54 +209,133 @@ class NVAEConfig:
                 raise ConfigError(message)
 
         known = tuple(DATASETS) + CUSTOM_DATASETS
-        need(self.dataset in known, f"dataset must be one of {', '.join(known)}; got {self.dataset!r}")
+        need(
+            self.dataset in known,
+            f"dataset must be one of {', '.join(known)}; got {self.dataset!r}",
+        )
         if self.dataset in DATASETS:
-            size, ch, bits, dec = DATASETS[self.dataset]
-            need(self.image_size == size, f"dataset {self.dataset} has image_size {size}, config says {self.image_size}")
-            need(self.image_channels == ch, f"dataset {self.dataset} has {ch} channel(s), config says {self.image_channels}")
-            need(self.decoder == dec, f"dataset {self.dataset} uses the {dec} decoder, config says {self.decoder}")
-        need(self.decoder in DECODERS, f"decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}")
+            size, ch, _, dec = DATASETS[self.dataset]
+            need(
+                self.image_size == size,
+                f"dataset {self.dataset} has image_size {size}, config says {self.image_size}",
+            )
+            need(
+                self.image_channels == ch,
+                f"dataset {self.dataset} has {ch} channel(s), config says {self.image_channels}",
+            )
+            need(
+                self.decoder == dec,
+                f"dataset {self.dataset} uses the {dec} decoder, config says {self.decoder}",
+            )
+        need(
+            self.decoder in DECODERS,
+            f"decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}",
+        )
         if self.decoder == "bernoulli":
-            need(self.num_x_bits == 1, f"the bernoulli decoder models binary data: num_x_bits must be 1, got {self.num_x_bits}")
+            need(
+                self.num_x_bits == 1,
+                f"the bernoulli decoder models binary data: num_x_bits must be 1, got {self.num_x_bits}",
+            )
         else:
-            need(self.image_channels == 3, f"the logistic_mixture decoder models RGB images: image_channels must be 3, got {self.image_channels}")
-            need(1 <= self.num_x_bits <= 8 and self.num_x_bits != 1,
-                 f"num_x_bits must be between 2 and 8 for the logistic_mixture decoder, got {self.num_x_bits}")
-            need(self.num_mixture_dec >= 1, f"num_mixture_dec must be >= 1, got {self.num_mixture_dec}")
-        need(self.image_channels in (1, 3), f"image_channels must be 1 or 3, got {self.image_channels}")
-        need(0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), got {self.test_fraction}")
+            need(
+                self.image_channels == 3,
+                f"the logistic_mixture decoder models RGB images: image_channels must be 3, got {self.image_channels}",
+            )
+            need(
+                1 <= self.num_x_bits <= 8 and self.num_x_bits != 1,
+                f"num_x_bits must be between 2 and 8 for the logistic_mixture decoder, got {self.num_x_bits}",
+            )
+            need(
+                self.num_mixture_dec >= 1,
+                f"num_mixture_dec must be >= 1, got {self.num_mixture_dec}",
+            )
+        need(
+            self.image_channels in (1, 3),
+            f"image_channels must be 1 or 3, got {self.image_channels}",
+        )
+        need(
+            0 <= self.test_fraction < 1,
+            f"test_fraction must be in [0, 1), got {self.test_fraction}",
+        )
         need(self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
-        for name in ("num_channels_enc", "num_channels_dec", "num_latent_scales",
-                     "num_groups_per_scale", "min_groups_per_scale", "num_latent_per_group",
-                     "num_preprocess_cells", "num_postprocess_cells", "num_cell_per_cond_enc",
-                     "num_cell_per_cond_dec", "image_size", "epochs", "batch_size",
-                     "num_power_iter"):
+        for name in (
+            "num_channels_enc",
+            "num_channels_dec",
+            "num_latent_scales",
+            "num_groups_per_scale",
+            "min_groups_per_scale",
+            "num_latent_per_group",
+            "num_preprocess_cells",
+            "num_postprocess_cells",
+            "num_cell_per_cond_enc",
+            "num_cell_per_cond_dec",
+            "image_size",
+            "epochs",
+            "batch_size",
+            "num_power_iter",
+        ):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_preprocess_blocks", "num_postprocess_blocks", "num_nf", "warmup_epochs",
-                     "weight_decay", "weight_decay_norm", "grad_clip_norm", "learning_rate_min"):
+        for name in (
+            "num_preprocess_blocks",
+            "num_postprocess_blocks",
+            "num_nf",
+            "warmup_epochs",
+            "weight_decay",
+            "weight_decay_norm",
+            "grad_clip_norm",
+            "learning_rate_min",
+        ):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(self.num_preprocess_blocks == self.num_postprocess_blocks,
-             "num_postprocess_blocks must equal num_preprocess_blocks so the output matches the input size "
-             f"({self.num_postprocess_blocks} != {self.num_preprocess_blocks})")
+        need(
+            self.num_preprocess_blocks == self.num_postprocess_blocks,
+            "num_postprocess_blocks must equal num_preprocess_blocks so the output matches the input size "
+            f"({self.num_postprocess_blocks} != {self.num_preprocess_blocks})",
+        )
         factor = 2 ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
-        need(self.image_size % factor == 0,
-             f"image_size {self.image_size} is not divisible by 2^(num_preprocess_blocks + num_latent_scales - 1) = {factor}")
+        need(
+            self.image_size % factor == 0,
+            f"image_size {self.image_size} is not divisible by 2^(num_preprocess_blocks + num_latent_scales - 1) = {factor}",
+        )
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        need(self.learning_rate_min <= self.learning_rate,
-             f"learning_rate_min ({self.learning_rate_min}) must not exceed learning_rate ({self.learning_rate})")
-        need(self.warmup_epochs < self.epochs or self.epochs == 1,
-             f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
-        need(0 < self.kl_anneal_portion <= 1, f"kl_anneal_portion must be in (0, 1], got {self.kl_anneal_portion}")
-        need(0 <= self.kl_const_portion < 1, f"kl_const_portion must be in [0, 1), got {self.kl_const_portion}")
-        need(0 < self.kl_const_coeff <= 1, f"kl_const_coeff must be in (0, 1], got {self.kl_const_coeff}")
+        need(
+            self.learning_rate_min <= self.learning_rate,
+            f"learning_rate_min ({self.learning_rate_min}) must not exceed learning_rate ({self.learning_rate})",
+        )
+        need(
+            self.warmup_epochs < self.epochs or self.epochs == 1,
+            f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})",
+        )
+        need(
+            0 < self.kl_anneal_portion <= 1,
+            f"kl_anneal_portion must be in (0, 1], got {self.kl_anneal_portion}",
+        )
+        need(
+            0 <= self.kl_const_portion < 1,
+            f"kl_const_portion must be in [0, 1), got {self.kl_const_portion}",
+        )
+        need(
+            0 < self.kl_const_coeff <= 1,
+            f"kl_const_coeff must be in (0, 1], got {self.kl_const_coeff}",
+        )
         need(self.adamax_epsilon > 0, f"adamax_epsilon must be > 0, got {self.adamax_epsilon}")
         if self.weight_decay_norm_anneal:
-            need(self.weight_decay_norm > 0 and self.weight_decay_norm_init > 0,
-                 "weight_decay_norm_anneal needs weight_decay_norm > 0 and weight_decay_norm_init > 0")
-        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
-        need(self.recompute in RECOMPUTE, f"recompute must be one of {', '.join(RECOMPUTE)}; got {self.recompute!r}")
+            need(
+                self.weight_decay_norm > 0 and self.weight_decay_norm_init > 0,
+                "weight_decay_norm_anneal needs weight_decay_norm > 0 and weight_decay_norm_init > 0",
+            )
+        need(
+            self.precision in PRECISIONS,
+            f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}",
+        )
+        need(
+            self.recompute in RECOMPUTE,
+            f"recompute must be one of {', '.join(RECOMPUTE)}; got {self.recompute!r}",
+        )
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        need(self.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
+        need(
+            self.max_skipped_steps >= 1,
+            f"max_skipped_steps must be >= 1, got {self.max_skipped_steps}",
+        )
 
 
 def _coerce(key, value, hint):
@@ -262,7 +355,9 @@ def _coerce(key, value, hint):
     if hint is int and isinstance(value, float) and value.is_integer() and math.isfinite(value):
         return int(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"config key {key!r} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(
+            f"config key {key!r} must be {hint.__name__}, got {type(value).__name__} {value!r}"
+        )
     return value
 
 

@@ -7,27 +7,38 @@ Forward pass, top-down once::
     for each group, top first: decoder cells -> prior & posterior -> z -> combine z into s
     s -> post-process cells -> ELU -> output conv -> decoder distribution p(x | z)
 """
+
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.config import CHANNEL_MULT, NVAEConfig
 from nvae_tf.distributions import CroppedBernoulli, DiscretizedLogisticMixture
-from nvae_tf.training.guarded_optimizer import make_optimizer
-from nvae_tf.layers.latent_group import LatentGroup
 from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted
+from nvae_tf.layers.cells import DecoderCell, EncoderCell
+from nvae_tf.layers.latent_group import LatentGroup
 from nvae_tf.layers.normalization import BatchNorm
-from nvae_tf.training.objective import Objective
 from nvae_tf.layers.recompute import recompute_cells, run_cells
-from nvae_tf.training.regularizers import SpectralRegularizer
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D
+from nvae_tf.training.guarded_optimizer import make_optimizer
+from nvae_tf.training.objective import Objective
+from nvae_tf.training.regularizers import SpectralRegularizer
 
 tfd = tfp.distributions
 
-TRAIN_METRICS = ("loss", "nelbo", "bpd", "recon", "kl", "beta", "reg_weight", "spectral",
-                 "bn_penalty", "grad_norm")
+TRAIN_METRICS = (
+    "loss",
+    "nelbo",
+    "bpd",
+    "recon",
+    "kl",
+    "beta",
+    "reg_weight",
+    "spectral",
+    "bn_penalty",
+    "grad_norm",
+)
 MNIST_CROP = 2  # 28x28 digits padded to 32x32; the likelihood is scored on the 28x28 crop
 
 
@@ -42,17 +53,23 @@ class NVAE(CheckpointListsMixin, keras.Model):
         self.config = c = config
         self.stem = Conv2D(c.num_channels_enc, 3, name="stem")
         self.preprocess = [
-            EncoderCell(downsample=j == c.num_preprocess_cells - 1, use_se=c.use_se,
-                        name=f"pre_{b}_{j}")
-            for b in range(c.num_preprocess_blocks) for j in range(c.num_preprocess_cells)]
+            EncoderCell(
+                downsample=j == c.num_preprocess_cells - 1, use_se=c.use_se, name=f"pre_{b}_{j}"
+            )
+            for b in range(c.num_preprocess_blocks)
+            for j in range(c.num_preprocess_cells)
+        ]
         self.encoder_cells, self._encoder_block_ends = self._make_encoder_tower()
         self.groups = self._make_latent_groups()
         self.postprocess = [
             DecoderCell(3, upsample=j == 0, use_se=c.use_se, name=f"post_{b}_{j}")
-            for b in range(c.num_postprocess_blocks) for j in range(c.num_postprocess_cells)]
+            for b in range(c.num_postprocess_blocks)
+            for j in range(c.num_postprocess_cells)
+        ]
         self.output_conv = Conv2D(c.decoder_channels, 3, name="output_conv")
-        self.h = self.add_weight(name="h", shape=c.h_shape,
-                                 initializer=keras.initializers.RandomUniform(0.0, 1.0))
+        self.h = self.add_weight(
+            name="h", shape=c.h_shape, initializer=keras.initializers.RandomUniform(0.0, 1.0)
+        )
         self.spectral_regularizer = SpectralRegularizer(c.num_power_iter, name="spectral")
         self._trackers = {name: keras.metrics.Mean(name=name) for name in TRAIN_METRICS}
         self.objective = None  # set by compile()
@@ -73,10 +90,13 @@ class NVAE(CheckpointListsMixin, keras.Model):
         for scale, groups in enumerate(reversed(c.groups_per_scale)):
             for g in range(groups):
                 if scale > 0 and g == 0:
-                    cells.append(EncoderCell(downsample=True, use_se=c.use_se,
-                                             name=f"enc_down_{scale}"))
-                cells += [EncoderCell(use_se=c.use_se, name=f"enc_{scale}_{g}_{i}")
-                          for i in range(c.num_cell_per_cond_enc)]
+                    cells.append(
+                        EncoderCell(downsample=True, use_se=c.use_se, name=f"enc_down_{scale}")
+                    )
+                cells += [
+                    EncoderCell(use_se=c.use_se, name=f"enc_{scale}_{g}_{i}")
+                    for i in range(c.num_cell_per_cond_enc)
+                ]
                 ends.append(len(cells))
         return cells, ends
 
@@ -85,13 +105,20 @@ class NVAE(CheckpointListsMixin, keras.Model):
         for scale, count in enumerate(c.groups_per_scale):
             for g in range(count):
                 index = len(groups)
-                groups.append(LatentGroup(
-                    index=index, upsample=scale > 0 and g == 0,
-                    num_cells=0 if index == 0 else c.num_cell_per_cond_dec,
-                    decoder_channels=self._scale_channels(c.num_channels_dec, scale),
-                    encoder_channels=self._scale_channels(c.num_channels_enc, scale),
-                    latent_channels=c.num_latent_per_group, num_flows=c.num_nf,
-                    residual_posterior=c.res_dist, use_se=c.use_se, name=f"group_{index}"))
+                groups.append(
+                    LatentGroup(
+                        index=index,
+                        upsample=scale > 0 and g == 0,
+                        num_cells=0 if index == 0 else c.num_cell_per_cond_dec,
+                        decoder_channels=self._scale_channels(c.num_channels_dec, scale),
+                        encoder_channels=self._scale_channels(c.num_channels_enc, scale),
+                        latent_channels=c.num_latent_per_group,
+                        num_flows=c.num_nf,
+                        residual_posterior=c.res_dist,
+                        use_se=c.use_se,
+                        name=f"group_{index}",
+                    )
+                )
         return groups
 
     def build(self, input_shape):
@@ -115,14 +142,15 @@ class NVAE(CheckpointListsMixin, keras.Model):
         posterior samples reproducible; by default they come from the model's generator.
         """
         x = self.check_images(x)
-        seed = self._seed(seed)
+        seed = self.stateless_seed(seed)
         features = self._bottom_up(x, training)
         s = self._initial_state(tf.shape(x)[0])
         stats = []
         for group in self.groups:
             s = self._run(group.cells, s, training)
-            s, group_stats = group(s, features[-1 - group.index], _fold(seed, group.index),
-                                   training=training)
+            s, group_stats = group(
+                s, features[-1 - group.index], _fold(seed, group.index), training=training
+            )
             stats.append(group_stats)
         logits = self._top_down_output(s, training)
         return {
@@ -172,14 +200,25 @@ class NVAE(CheckpointListsMixin, keras.Model):
         c = self.config
         if c.decoder == "bernoulli":
             return CroppedBernoulli(logits, crop=MNIST_CROP if c.is_mnist else 0)
-        mixture = DiscretizedLogisticMixture(logits, num_bits=c.num_x_bits,
-                                             temperature=temperature,
-                                             original_edge=c.original_dml_edge)
+        mixture = DiscretizedLogisticMixture(
+            logits,
+            num_bits=c.num_x_bits,
+            temperature=temperature,
+            original_edge=c.original_dml_edge,
+        )
         return tfd.Independent(mixture, reinterpreted_batch_ndims=2)
 
     # --- generation and inference -------------------------------------------------------------
-    def prior_decoder(self, num_samples, temperature=1.0, decoder_temperature=1.0,
-                      training=False, seed=None, num_fixed_groups=0, fixed_seed=None):
+    def prior_decoder(
+        self,
+        num_samples,
+        temperature=1.0,
+        decoder_temperature=1.0,
+        training=False,
+        seed=None,
+        num_fixed_groups=0,
+        fixed_seed=None,
+    ):
         """Walk the prior at latent ``temperature``; returns p(x | z) of the samples.
 
         ``training=True`` runs batch norm in training mode (BN re-adjustment, paper 4.2).
@@ -187,8 +226,8 @@ class NVAE(CheckpointListsMixin, keras.Model):
         ``seed``: calls that share ``fixed_seed`` and ``num_samples`` share those z sample by
         sample while the lower groups vary with ``seed`` (paper Fig. 12).
         """
-        seed = self._seed(seed)
-        fixed_seed = self._seed(fixed_seed) if num_fixed_groups else seed
+        seed = self.stateless_seed(seed)
+        fixed_seed = self.stateless_seed(fixed_seed) if num_fixed_groups else seed
         s = self._initial_state(num_samples)
         for group in self.groups:
             s = run_cells(group.cells, s, training=training)
@@ -196,12 +235,14 @@ class NVAE(CheckpointListsMixin, keras.Model):
             s = group.sample(s, _fold(group_seed, group.index), temperature)
         return self.decoder_distribution(self._top_down_output(s, training), decoder_temperature)
 
-    def sample(self, num_samples, temperature=1.0, decoder_temperature=1.0, training=False,
-               seed=None):
+    def sample(
+        self, num_samples, temperature=1.0, decoder_temperature=1.0, training=False, seed=None
+    ):
         """Images in [0, 1]: Bernoulli means for binary data, mixture samples for colour."""
-        seed = self._seed(seed)
-        decoder = self.prior_decoder(num_samples, temperature, decoder_temperature, training,
-                                     seed=seed)
+        seed = self.stateless_seed(seed)
+        decoder = self.prior_decoder(
+            num_samples, temperature, decoder_temperature, training, seed=seed
+        )
         return _images(decoder, _fold(seed, -1))
 
     def encode(self, x, seed=None):
@@ -211,10 +252,10 @@ class NVAE(CheckpointListsMixin, keras.Model):
 
     def reconstruct(self, x, seed=None):
         """Decode the posterior sample of ``x`` (Bernoulli means / mixture samples)."""
-        seed = self._seed(seed)
+        seed = self.stateless_seed(seed)
         return _images(self(x, training=False, seed=seed)["decoder"], _fold(seed, -1))
 
-    def _seed(self, seed):
+    def stateless_seed(self, seed=None):
         """A stateless seed: the given one, or the next from the model's generator."""
         if seed is None:
             return self.noise.make_seeds(1)[:, 0]
@@ -237,8 +278,10 @@ class NVAE(CheckpointListsMixin, keras.Model):
         x = tf.convert_to_tensor(x)
         expected = (c.image_size, c.image_size, c.image_channels)
         if x.shape.rank != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape (batch, {expected[0]}, {expected[1]}, "
-                             f"{expected[2]}) for this config, got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected images of shape (batch, {expected[0]}, {expected[1]}, "
+                f"{expected[2]}) for this config, got {tuple(x.shape)}"
+            )
         if not x.dtype.is_floating:
             raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype.name}")
         return x
@@ -274,15 +317,19 @@ class NVAE(CheckpointListsMixin, keras.Model):
         terms["grad_norm"] = tf.linalg.global_norm(grads) / scale * replicas
         self.optimizer.apply(grads, self.trainable_variables)
         terms["bpd"] = bits_per_dim(terms["nelbo"], self.config.num_output_dims)
-        return self._update_metrics(terms, skipped_steps=self.optimizer.skipped_steps,
-                                    consecutive_skips=self.optimizer.consecutive_skips)
+        return self._update_metrics(
+            terms,
+            skipped_steps=self.optimizer.skipped_steps,
+            consecutive_skips=self.optimizer.consecutive_skips,
+        )
 
     def test_step(self, data):
         x = _images_of(data)
         out = self(x, training=False)
         nelbo = tf.reduce_mean(-out["decoder"].log_prob(x) + tf.reduce_sum(out["kl"], axis=1))
-        return self._update_metrics({"nelbo": nelbo, "bpd": bits_per_dim(
-            nelbo, self.config.num_output_dims)})
+        return self._update_metrics(
+            {"nelbo": nelbo, "bpd": bits_per_dim(nelbo, self.config.num_output_dims)}
+        )
 
     def _update_metrics(self, terms, **extra):
         for name, value in terms.items():

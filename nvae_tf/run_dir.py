@@ -11,6 +11,7 @@ Layout::
 
 ``check_run_dir`` decides whether a directory may take a new run or continue one.
 """
+
 import dataclasses
 import os
 import shutil
@@ -40,8 +41,9 @@ def checkpoint_dir(run_dir):
 def load_run_config(run_dir):
     path = config_path(run_dir)
     if not os.path.isfile(path):
-        raise RunDirectoryError(f"{run_dir} has no {CONFIG_FILE}: pass the --out directory of "
-                                "an nvae-train run")
+        raise RunDirectoryError(
+            f"{run_dir} has no {CONFIG_FILE}: pass the --out directory of an nvae-train run"
+        )
     return NVAEConfig.from_yaml(path)
 
 
@@ -55,21 +57,28 @@ def check_run_dir(run_dir, config, resume):
     has_checkpoints = os.path.isdir(saves) and bool(os.listdir(saves))
     if not resume:
         if has_config or has_checkpoints:
-            raise RunDirectoryError(f"{run_dir} already holds a run: pass --resume to continue "
-                                    "it, or choose a new --out")
+            raise RunDirectoryError(
+                f"{run_dir} already holds a run: pass --resume to continue "
+                "it, or choose a new --out"
+            )
         return None
     if not has_config:
-        raise RunDirectoryError(f"--resume: {run_dir} holds no run ({config_path(run_dir)} is "
-                                "missing); drop --resume to start one")
+        raise RunDirectoryError(
+            f"--resume: {run_dir} holds no run ({config_path(run_dir)} is "
+            "missing); drop --resume to start one"
+        )
     saved = NVAEConfig.from_yaml(config_path(run_dir))
-    conflicts = [f"{f.name} (run: {getattr(saved, f.name)!r}, now: {getattr(config, f.name)!r})"
-                 for f in dataclasses.fields(saved)
-                 if f.name not in RESUMABLE_KEYS
-                 and getattr(saved, f.name) != getattr(config, f.name)]
+    conflicts = [
+        f"{f.name} (run: {getattr(saved, f.name)!r}, now: {getattr(config, f.name)!r})"
+        for f in dataclasses.fields(saved)
+        if f.name not in RESUMABLE_KEYS and getattr(saved, f.name) != getattr(config, f.name)
+    ]
     if conflicts:
-        raise ConfigError(f"--resume: the config differs from {config_path(run_dir)} in "
-                          f"{', '.join(conflicts)}; only {', '.join(RESUMABLE_KEYS)} may "
-                          "change when resuming")
+        raise ConfigError(
+            f"--resume: the config differs from {config_path(run_dir)} in "
+            f"{', '.join(conflicts)}; only {', '.join(RESUMABLE_KEYS)} may "
+            "change when resuming"
+        )
     return saved
 
 
@@ -84,8 +93,9 @@ def remove_partial_saves(directory):
 def latest_checkpoint(run_dir):
     path = tf.train.latest_checkpoint(checkpoint_dir(run_dir))
     if path is None:
-        raise RunDirectoryError(f"no checkpoint in {checkpoint_dir(run_dir)}: has training "
-                                "saved one yet?")
+        raise RunDirectoryError(
+            f"no checkpoint in {checkpoint_dir(run_dir)}: has training saved one yet?"
+        )
     return path
 
 
@@ -95,8 +105,8 @@ def restore_model(run_dir, use_ema=True, config=None):
     ``config`` may override the saved one (e.g. a different precision); the architecture
     fields must match the checkpoint.
     """
-    from nvae_tf.training.guarded_optimizer import make_optimizer, moving_averages
     from nvae_tf.model import NVAE
+    from nvae_tf.training.guarded_optimizer import make_optimizer, moving_averages
 
     config = config or load_run_config(run_dir)
     path = latest_checkpoint(run_dir)
@@ -108,7 +118,8 @@ def restore_model(run_dir, use_ema=True, config=None):
         objects["optimizer"] = optimizer
     tf.train.Checkpoint(**objects).restore(path).expect_partial()
     if "optimizer" in objects:
-        for variable, average in zip(model.trainable_variables,
-                                     moving_averages(objects["optimizer"])):
+        for variable, average in zip(
+            model.trainable_variables, moving_averages(objects["optimizer"])
+        ):
             variable.assign(average)
     return model

@@ -16,6 +16,7 @@ with them every numerical margin, are the same from run to run.
 
 Every test ends with the float32 Keras policy restored, whatever it set.
 """
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -31,26 +32,54 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_CONFIG = os.path.join(ROOT, "configs", "small.yaml")
 # ``--set`` items that shrink configs/small.yaml to seconds per command-line run (one scale,
 # two groups, four channels); each test adds its batch size and epochs.
-SMALL_SHRUNK = ["num_channels_enc=4", "num_channels_dec=4", "num_latent_scales=1",
-                "num_groups_per_scale=2", "num_preprocess_cells=1", "num_postprocess_cells=1",
-                "num_latent_per_group=4"]
+SMALL_SHRUNK = [
+    "num_channels_enc=4",
+    "num_channels_dec=4",
+    "num_latent_scales=1",
+    "num_groups_per_scale=2",
+    "num_preprocess_cells=1",
+    "num_postprocess_cells=1",
+    "num_latent_per_group=4",
+]
 
 TINY = {
-    "dataset": "bundled_mnist", "image_size": 32, "image_channels": 1, "num_x_bits": 1,
+    "dataset": "bundled_mnist",
+    "image_size": 32,
+    "image_channels": 1,
+    "num_x_bits": 1,
     "decoder": "bernoulli",
-    "num_channels_enc": 4, "num_channels_dec": 4,
-    "num_preprocess_blocks": 1, "num_preprocess_cells": 2,
-    "num_postprocess_blocks": 1, "num_postprocess_cells": 2,
-    "num_cell_per_cond_enc": 1, "num_cell_per_cond_dec": 1,
-    "num_latent_scales": 2, "num_groups_per_scale": 2, "ada_groups": True,
-    "min_groups_per_scale": 1, "num_latent_per_group": 20, "num_nf": 0,
-    "use_se": True, "res_dist": True,
-    "batch_size": 4, "epochs": 2, "warmup_epochs": 0, "weight_decay_norm": 1e-2, "seed": 1,
+    "num_channels_enc": 4,
+    "num_channels_dec": 4,
+    "num_preprocess_blocks": 1,
+    "num_preprocess_cells": 2,
+    "num_postprocess_blocks": 1,
+    "num_postprocess_cells": 2,
+    "num_cell_per_cond_enc": 1,
+    "num_cell_per_cond_dec": 1,
+    "num_latent_scales": 2,
+    "num_groups_per_scale": 2,
+    "ada_groups": True,
+    "min_groups_per_scale": 1,
+    "num_latent_per_group": 20,
+    "num_nf": 0,
+    "use_se": True,
+    "res_dist": True,
+    "batch_size": 4,
+    "epochs": 2,
+    "warmup_epochs": 0,
+    "weight_decay_norm": 1e-2,
+    "seed": 1,
 }
 
 COLOUR = dict(
-    TINY, dataset="folder", image_size=16, image_channels=3, num_x_bits=8,
-    decoder="logistic_mixture", num_mixture_dec=10, num_nf=1,
+    TINY,
+    dataset="folder",
+    image_size=16,
+    image_channels=3,
+    num_x_bits=8,
+    decoder="logistic_mixture",
+    num_mixture_dec=10,
+    num_nf=1,
 )
 
 
@@ -73,9 +102,10 @@ def binary_images(batch, size=32, seed=0):
 def colour_images(batch, size=16, bits=8, seed=0):
     """Random quantized RGB images (B, size, size, 3) in [0, 1], float32."""
     rng = np.random.default_rng(seed)
-    levels = 2 ** bits - 1
-    return tf.constant((rng.integers(0, levels + 1, (batch, size, size, 3)) / levels)
-                       .astype("float32"))
+    levels = 2**bits - 1
+    return tf.constant(
+        (rng.integers(0, levels + 1, (batch, size, size, 3)) / levels).astype("float32")
+    )
 
 
 @pytest.fixture(name="tiny_config")

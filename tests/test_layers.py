@@ -1,4 +1,5 @@
 """The building blocks against the reference rules of spec 2 (cells, WN conv, BN, SE, skips)."""
+
 import math
 
 import keras
@@ -8,15 +9,15 @@ import tensorflow as tf
 from conftest import tiny_config
 
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
-from nvae_tf.layers.depthwise import depthwise_conv2d_same
 from nvae_tf.layers.combiners import DecoderCombiner, EncoderCombiner
+from nvae_tf.layers.depthwise import depthwise_conv2d_same
 from nvae_tf.layers.latent_group import LatentGroup
-from nvae_tf.model import NVAE
 from nvae_tf.layers.normalization import BatchNorm, BNSwish
 from nvae_tf.layers.recompute import run_cells
 from nvae_tf.layers.skips import FactorizedReduce, UpSkip
 from nvae_tf.layers.squeeze_excitation import SqueezeExcitation
 from nvae_tf.layers.weight_norm import Conv2D
+from nvae_tf.model import NVAE
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -45,6 +46,7 @@ def torch_layout(kernel, depthwise=False):
 
 # ---------------------------------------------------------------------------- get_config round trip
 
+
 def fixed(*shape):
     """The same pseudo-random tensor for the same shape (inputs must repeat across calls)."""
     return tf.constant(np.random.default_rng(sum(shape)).standard_normal(shape).astype("float32"))
@@ -60,33 +62,48 @@ def _group_call(group, s, feature):
 
 
 LAYER_CASES = {
-    "conv_wn_stride2": (lambda: Conv2D(8, 3, strides=2, name="c"),
-                        lambda l: l(fixed(2, 8, 8, 4))),
-    "conv_depthwise_plain": (lambda: Conv2D(6, 5, use_bias=False, weight_norm=False,
-                                            depthwise=True),
-                             lambda l: l(fixed(2, 8, 8, 6))),
-    "conv_log_g_offset": (lambda: Conv2D(4, 1, log_g_offset=-math.log(10.0)),
-                          lambda l: l(fixed(2, 4, 4, 3))),
+    "conv_wn_stride2": (lambda: Conv2D(8, 3, strides=2, name="c"), lambda l: l(fixed(2, 8, 8, 4))),
+    "conv_depthwise_plain": (
+        lambda: Conv2D(6, 5, use_bias=False, weight_norm=False, depthwise=True),
+        lambda l: l(fixed(2, 8, 8, 6)),
+    ),
+    "conv_log_g_offset": (
+        lambda: Conv2D(4, 1, log_g_offset=-math.log(10.0)),
+        lambda l: l(fixed(2, 4, 4, 3)),
+    ),
     "batchnorm": (lambda: BatchNorm(), lambda l: l(fixed(2, 4, 4, 5), training=False)),
     "bn_swish": (lambda: BNSwish(), lambda l: l(fixed(2, 4, 4, 5), training=False)),
     "squeeze_excitation": (lambda: SqueezeExcitation(), lambda l: l(fixed(2, 4, 4, 80))),
     "factorized_reduce": (lambda: FactorizedReduce(10), lambda l: l(fixed(2, 8, 8, 5))),
     "up_skip": (lambda: UpSkip(4), lambda l: l(fixed(2, 4, 4, 8))),
     "encoder_cell": (lambda: EncoderCell(), lambda l: l(fixed(2, 8, 8, 4), training=False)),
-    "encoder_cell_down": (lambda: EncoderCell(downsample=True, use_se=False),
-                          lambda l: l(fixed(2, 8, 8, 4), training=False)),
+    "encoder_cell_down": (
+        lambda: EncoderCell(downsample=True, use_se=False),
+        lambda l: l(fixed(2, 8, 8, 4), training=False),
+    ),
     "decoder_cell": (lambda: DecoderCell(3), lambda l: l(fixed(2, 4, 4, 8), training=False)),
-    "decoder_cell_up": (lambda: DecoderCell(6, upsample=True),
-                        lambda l: l(fixed(2, 4, 4, 8), training=False)),
-    "encoder_combiner": (lambda: EncoderCombiner(6),
-                         lambda l: l(fixed(2, 4, 4, 6), fixed(2, 4, 4, 8))),
-    "decoder_combiner": (lambda: DecoderCombiner(8),
-                         lambda l: l(fixed(2, 4, 4, 8), fixed(2, 4, 4, 20))),
-    "latent_group_top": (lambda: LatentGroup(0, False, 0, 8, 8, latent_channels=5),
-                         lambda l: _group_call(l, fixed(2, 4, 4, 8), fixed(2, 4, 4, 8))),
-    "latent_group_up_flow": (lambda: LatentGroup(1, True, 1, 8, 6, latent_channels=5,
-                                                 num_flows=1, residual_posterior=True),
-                             lambda l: _group_call(l, fixed(2, 4, 4, 16), fixed(2, 8, 8, 6))),
+    "decoder_cell_up": (
+        lambda: DecoderCell(6, upsample=True),
+        lambda l: l(fixed(2, 4, 4, 8), training=False),
+    ),
+    "encoder_combiner": (
+        lambda: EncoderCombiner(6),
+        lambda l: l(fixed(2, 4, 4, 6), fixed(2, 4, 4, 8)),
+    ),
+    "decoder_combiner": (
+        lambda: DecoderCombiner(8),
+        lambda l: l(fixed(2, 4, 4, 8), fixed(2, 4, 4, 20)),
+    ),
+    "latent_group_top": (
+        lambda: LatentGroup(0, False, 0, 8, 8, latent_channels=5),
+        lambda l: _group_call(l, fixed(2, 4, 4, 8), fixed(2, 4, 4, 8)),
+    ),
+    "latent_group_up_flow": (
+        lambda: LatentGroup(
+            1, True, 1, 8, 6, latent_channels=5, num_flows=1, residual_posterior=True
+        ),
+        lambda l: _group_call(l, fixed(2, 4, 4, 16), fixed(2, 8, 8, 6)),
+    ),
 }
 
 
@@ -128,13 +145,14 @@ def test_model_get_config_from_config_round_trip(bernoulli_model):
 
 # ----------------------------------------------------------------------------- weight norm (2.7)
 
+
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_weight_norm_effective_kernel_starts_at_raw_kernel(depthwise):
     conv = Conv2D(6, 3 if not depthwise else 5, depthwise=depthwise)
     conv(randn(1, 6, 6, 6))
     v = torch_layout(conv.kernel.numpy(), depthwise)
     w = torch_layout(conv.effective_kernel().numpy(), depthwise)
-    norm = np.sqrt((v ** 2).sum(axis=(1, 2, 3), keepdims=True))
+    norm = np.sqrt((v**2).sum(axis=(1, 2, 3), keepdims=True))
     # log_g = log(||v|| + 0.01): effective = v * (||v|| + 0.01) / (||v|| + 1e-5).
     np.testing.assert_allclose(np.exp(conv.log_g.numpy()), norm.ravel() + 0.01, rtol=1e-5)
     np.testing.assert_allclose(w, v * (norm + 0.01) / (norm + 1e-5), rtol=1e-5, atol=1e-7)
@@ -154,13 +172,14 @@ def test_weight_norm_per_output_channel_norm_is_exp_log_g(depthwise):
     conv.log_g.assign(log_g)
     v = torch_layout(conv.kernel.numpy(), depthwise)
     w = torch_layout(conv.effective_kernel().numpy(), depthwise)
-    v_norm = np.sqrt((v ** 2).sum(axis=(1, 2, 3)))
-    w_norm = np.sqrt((w ** 2).sum(axis=(1, 2, 3)))
+    v_norm = np.sqrt((v**2).sum(axis=(1, 2, 3)))
+    w_norm = np.sqrt((w**2).sum(axis=(1, 2, 3)))
     np.testing.assert_allclose(w_norm, np.exp(log_g) * v_norm / (v_norm + 1e-5), rtol=1e-5)
     np.testing.assert_allclose(w_norm, np.exp(log_g), rtol=1e-4)
     # Direction unchanged: w is a positive multiple of v per output channel.
-    np.testing.assert_allclose(w / w_norm[:, None, None, None], v / v_norm[:, None, None, None],
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        w / w_norm[:, None, None, None], v / v_norm[:, None, None, None], rtol=1e-4, atol=1e-6
+    )
 
 
 def test_plain_conv_uses_raw_kernel():
@@ -177,8 +196,9 @@ def test_kernel_matrix_is_torch_flattening():
     # Rows per output channel; the same singular values whatever the column order.
     got = conv.kernel_matrix().numpy().T
     assert got.shape == (5, 4 * 9)
-    np.testing.assert_allclose(np.linalg.svd(got, compute_uv=False),
-                               np.linalg.svd(expected, compute_uv=False), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.svd(got, compute_uv=False), np.linalg.svd(expected, compute_uv=False), rtol=1e-5
+    )
     dw = Conv2D(6, 5, depthwise=True, use_bias=False, weight_norm=False)
     dw(randn(1, 6, 6, 6))
     assert dw.kernel_matrix().shape == (25, 6)
@@ -194,6 +214,7 @@ def test_conv_argument_errors():
 
 
 # ----------------------------------------------------------------------------- padding (2.9)
+
 
 @pytest.mark.parametrize("size", [8, 7])
 def test_stride2_conv_pads_symmetrically_like_pytorch(size):
@@ -235,9 +256,10 @@ def test_depthwise_cpu_kernel_gradient_equals_tensorflows():
     native = grads(lambda a, k: tf.nn.depthwise_conv2d(a, k, (1, 1, 1, 1), "SAME"))
     ours = grads(depthwise_conv2d_same)
     # Unknown batch size, as in exported signatures.
-    traced = tf.function(lambda a, k: grads(depthwise_conv2d_same),
-                         input_signature=[tf.TensorSpec((None, 7, 6, 5)),
-                                          tf.TensorSpec((5, 5, 5, 1))])(x, kernel)
+    traced = tf.function(
+        lambda a, k: grads(depthwise_conv2d_same),
+        input_signature=[tf.TensorSpec((None, 7, 6, 5)), tf.TensorSpec((5, 5, 5, 1))],
+    )(x, kernel)
     for a, b, c in zip(native, ours, traced):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
@@ -245,8 +267,10 @@ def test_depthwise_cpu_kernel_gradient_equals_tensorflows():
 
 # ----------------------------------------------------------------------------- SE (2.6)
 
-@pytest.mark.parametrize("channels, hidden", [(4, 4), (8, 4), (64, 4), (80, 5), (128, 8),
-                                              (256, 16), (960, 60)])
+
+@pytest.mark.parametrize(
+    "channels, hidden", [(4, 4), (8, 4), (64, 4), (80, 5), (128, 8), (256, 16), (960, 60)]
+)
 def test_se_hidden_width(channels, hidden):
     se = SqueezeExcitation()
     se.build((None, 2, 2, channels))
@@ -266,6 +290,7 @@ def test_se_is_gap_relu_sigmoid_gate():
 
 
 # ----------------------------------------------------------------------------- cells (2.1-2.4)
+
 
 def test_encoder_cells_shapes_and_ops():
     x = randn(2, 8, 8, 4)
@@ -341,8 +366,9 @@ def test_residual_branch_is_scaled_by_one_tenth():
     se_cell.bn_out.gamma.assign(tf.zeros_like(se_cell.bn_out.gamma))
     se_cell.bn_out.beta.assign(tf.ones_like(se_cell.bn_out.beta))
     gate = se_cell.se(tf.ones((1, 1, 1, 4))).numpy().ravel()
-    np.testing.assert_allclose(se_cell(x, training=False) - x, 0.1 * np.broadcast_to(gate, x.shape),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        se_cell(x, training=False) - x, 0.1 * np.broadcast_to(gate, x.shape), rtol=1e-5, atol=1e-7
+    )
     # Down cell: skip is FactorizedReduce.
     down = EncoderCell(downsample=True, use_se=False)
     down(x, training=False)
@@ -352,6 +378,7 @@ def test_residual_branch_is_scaled_by_one_tenth():
 
 
 # ----------------------------------------------------------------------------- skips (2.5)
+
 
 def test_factorized_reduce_channel_split_and_shifted_views():
     fr = FactorizedReduce(10)
@@ -404,6 +431,7 @@ def test_up_skip_is_bilinear_align_corners_then_1x1_without_bias():
 
 # ----------------------------------------------------------------------------- batch norm (2.8)
 
+
 def test_batchnorm_constants_everywhere(bernoulli_model):
     bns = bernoulli_model.batchnorm_layers()
     assert bns
@@ -417,8 +445,13 @@ def test_batchnorm_constants_everywhere(bernoulli_model):
 def test_batchnorm_update_matches_pytorch_momentum_and_epsilon():
     bn = BatchNorm()
     rng = np.random.default_rng(0)
-    x = np.stack([rng.normal(3.0, 2.0, (4, 5, 5)),  # channel 0: mean 3, std 2
-                  rng.normal(-1.0, 0.01, (4, 5, 5))], axis=-1).astype("float32")  # tiny variance
+    x = np.stack(
+        [
+            rng.normal(3.0, 2.0, (4, 5, 5)),  # channel 0: mean 3, std 2
+            rng.normal(-1.0, 0.01, (4, 5, 5)),
+        ],
+        axis=-1,
+    ).astype("float32")  # tiny variance
     y = bn(x, training=True).numpy()
     mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
     np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
@@ -441,8 +474,9 @@ def test_fused_single_replica_batchnorm_is_exact():
     def reference(x, gamma, beta):  # float64, centred before the moments
         x = tf.cast(x, tf.float64) - 100.0
         mean, var = tf.nn.moments(x, [0, 1, 2])
-        return tf.nn.batch_normalization(x, mean, var, tf.cast(beta, tf.float64),
-                                         tf.cast(gamma, tf.float64), 1e-5), var
+        return tf.nn.batch_normalization(
+            x, mean, var, tf.cast(beta, tf.float64), tf.cast(gamma, tf.float64), 1e-5
+        ), var
 
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
@@ -472,8 +506,9 @@ def test_update_stats_false_uses_batch_stats_without_moving_them(layer_type):
     np.testing.assert_allclose(y_frozen, y_train, rtol=1e-5, atol=1e-5)
     assert not np.allclose(bn.moving_mean, before[0])  # the normal call did move them
     xn = x.numpy()
-    ref = ((xn - xn.mean(axis=(0, 1, 2))) / np.sqrt(xn.var(axis=(0, 1, 2)) + 1e-5)
-           * bn.gamma.numpy() + bn.beta.numpy())
+    ref = (xn - xn.mean(axis=(0, 1, 2))) / np.sqrt(
+        xn.var(axis=(0, 1, 2)) + 1e-5
+    ) * bn.gamma.numpy() + bn.beta.numpy()
     if layer_type is BNSwish:
         ref = silu(ref)
     np.testing.assert_allclose(y_frozen, ref, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,5 @@
 """The whole model: parameter counts from the spec's rules, forward outputs, IW estimates, API."""
+
 import json
 import os
 import pathlib
@@ -23,6 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------- parameter count
 # Written from spec 1.2-1.6, 2.2-2.7 and 4 only (the original AutoEncoder.__init__ walk), not
 # from nvae_tf: a second, independent description of the architecture.
+
 
 def wn_conv(k, cin, cout, bias=True):
     """Weight-normalized conv: kernel, per-output log-norm, optional bias (spec 2.7)."""
@@ -55,8 +57,16 @@ def decoder_cell(c, expansion, up, use_se):
     """Inverted residual (spec 2.4): hidden from the INPUT width, inner convs without WN/bias."""
     cout = c // 2 if up else c
     hidden = c * expansion
-    n = (batch_norm(c) + c * hidden + batch_norm(hidden) + 25 * hidden + batch_norm(hidden)
-         + hidden * cout + batch_norm(cout) + squeeze_excitation(cout, use_se))
+    n = (
+        batch_norm(c)
+        + c * hidden
+        + batch_norm(hidden)
+        + 25 * hidden
+        + batch_norm(hidden)
+        + hidden * cout
+        + batch_norm(cout)
+        + squeeze_excitation(cout, use_se)
+    )
     if up:  # bilinear + WN 1x1 conv without bias
         n += wn_conv(1, c, cout, bias=False)
     return n
@@ -134,15 +144,37 @@ def trainable_params(model):
     return int(sum(np.prod(v.shape) for v in model.trainable_variables))
 
 
-@pytest.mark.parametrize("make, overrides", [
-    (tiny_config, {}),
-    (tiny_config, {"num_cell_per_cond_enc": 2, "num_cell_per_cond_dec": 2, "use_se": False,
-                       "num_latent_per_group": 6, "num_channels_enc": 6, "num_channels_dec": 6}),
-    (colour_config, {}),
-    (colour_config, {"num_nf": 2, "num_mixture_dec": 3, "num_latent_scales": 1,
-                         "num_groups_per_scale": 3, "num_preprocess_cells": 3,
-                         "num_postprocess_cells": 3, "num_latent_per_group": 8}),
-], ids=["bernoulli", "bernoulli_2cells_no_se", "mixture_flow", "mixture_2flows_1scale"])
+@pytest.mark.parametrize(
+    "make, overrides",
+    [
+        (tiny_config, {}),
+        (
+            tiny_config,
+            {
+                "num_cell_per_cond_enc": 2,
+                "num_cell_per_cond_dec": 2,
+                "use_se": False,
+                "num_latent_per_group": 6,
+                "num_channels_enc": 6,
+                "num_channels_dec": 6,
+            },
+        ),
+        (colour_config, {}),
+        (
+            colour_config,
+            {
+                "num_nf": 2,
+                "num_mixture_dec": 3,
+                "num_latent_scales": 1,
+                "num_groups_per_scale": 3,
+                "num_preprocess_cells": 3,
+                "num_postprocess_cells": 3,
+                "num_latent_per_group": 8,
+            },
+        ),
+    ],
+    ids=["bernoulli", "bernoulli_2cells_no_se", "mixture_flow", "mixture_2flows_1scale"],
+)
 def test_trainable_params_equal_spec_count(make, overrides):
     config = make(**overrides)
     model = NVAE(config)
@@ -152,8 +184,10 @@ def test_trainable_params_equal_spec_count(make, overrides):
     # The non-trainable state is the BN running statistics and the spectral vectors only.
     names = [v.path for v in model.non_trainable_variables]
     assert sum("moving_mean" in n for n in names) == num_bn
-    assert all(n.split("/")[-1] in ("moving_mean", "moving_variance")
-               or n.split("/")[-2] == "spectral" for n in names), names
+    assert all(
+        n.split("/")[-1] in ("moving_mean", "moving_variance") or n.split("/")[-2] == "spectral"
+        for n in names
+    ), names
 
 
 def test_small_config_count_matches_nvae_info_cli():
@@ -161,7 +195,13 @@ def test_small_config_count_matches_nvae_info_cli():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(
         [sys.executable, "-m", "trainers.info", "--config", "configs/small.yaml", "--json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=300)
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     config = NVAEConfig.from_yaml(ROOT / "configs" / "small.yaml")
@@ -176,9 +216,15 @@ def test_nvae_info_reports_bad_config_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset: bundled_mnist\nnum_chanels_enc: 3\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-m", "trainers.info", "--config", str(bad)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, check=False,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainers.info", "--config", str(bad)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "num_chanels_enc" in last
@@ -186,6 +232,7 @@ def test_nvae_info_reports_bad_config_in_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- forward pass
+
 
 def test_forward_outputs_bernoulli(bernoulli_model):
     x = binary_images(3)
@@ -203,8 +250,9 @@ def test_forward_outputs_bernoulli(bernoulli_model):
         assert value.dtype == tf.float32 and np.all(np.isfinite(value))
     # Without flows the KL is analytic, hence >= 0; kl_per_channel is its batch mean.
     assert np.all(out["kl"].numpy() >= -1e-3)
-    np.testing.assert_allclose(out["kl_per_channel"].numpy().sum(axis=1),
-                               out["kl"].numpy().mean(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(
+        out["kl_per_channel"].numpy().sum(axis=1), out["kl"].numpy().mean(axis=0), rtol=1e-4
+    )
 
 
 def test_forward_outputs_mixture_with_flows(colour_model):
@@ -216,8 +264,9 @@ def test_forward_outputs_mixture_with_flows(colour_model):
     assert out["logits"].shape == (2, 16, 16, 100)
     assert out["decoder"].log_prob(x).shape == (2,)
     # With flows the KL is the single-sample estimate log q - log p, summed over groups.
-    np.testing.assert_allclose(out["kl"].numpy().sum(axis=1),
-                               (out["log_q"] - out["log_p"]).numpy(), rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(
+        out["kl"].numpy().sum(axis=1), (out["log_q"] - out["log_p"]).numpy(), rtol=1e-4, atol=1e-2
+    )
 
 
 def test_mnist_likelihood_is_scored_on_the_28x28_crop(bernoulli_model):
@@ -259,8 +308,9 @@ def test_non_residual_posterior_with_zero_outputs_is_clamped_standard():
     model = NVAE(tiny_config(res_dist=False))
     group = model.groups[1]
     _zero_posterior_head(group)
-    q, p = group.posterior(tf.random.normal((1, 16, 16, 8), seed=1),
-                           tf.random.normal((1, 16, 16, 8), seed=2))
+    q, p = group.posterior(
+        tf.random.normal((1, 16, 16, 8), seed=1), tf.random.normal((1, 16, 16, 8), seed=2)
+    )
     np.testing.assert_allclose(q.mean(), 0.0, atol=1e-7)
     np.testing.assert_allclose(q.stddev(), 1.01, rtol=1e-6)  # exp(0) + 0.01
     assert np.abs(p.mean().numpy()).max() > 1e-3
@@ -285,6 +335,7 @@ def test_decoder_sees_z_only(bernoulli_model):
 
 
 # ----------------------------------------------------------------------------- IW estimate (spec 6)
+
 
 @pytest.fixture(scope="module")
 def iw_model():
@@ -315,8 +366,7 @@ def test_iw_bound_is_above_elbo_and_tightens_with_k(iw_model):
     tiled = tf.tile(x, [reps, 1, 1, 1])
     estimates = {}
     for k in (1, 8, 64):
-        ll, elbo = importance_weighted(iw_model, tiled, k, max_images_per_pass=1024,
-                                       seed=[k, 0])
+        ll, elbo = importance_weighted(iw_model, tiled, k, max_images_per_pass=1024, seed=[k, 0])
         estimates[k] = ll.numpy().reshape(reps, 2)
         if k == 64:
             elbo64 = elbo.numpy().reshape(reps, 2)
@@ -380,17 +430,24 @@ def test_iw_mixture_model_runs(colour_model):
 
 # ----------------------------------------------------------------------------- input checks
 
-@pytest.mark.parametrize("bad", [
-    np.zeros((2, 28, 28, 1), np.float32),
-    np.zeros((2, 32, 32, 3), np.float32),
-    np.zeros((32, 32, 1), np.float32),
-    np.zeros((2, 32, 32, 1), np.uint8),
-    np.zeros((2, 32, 32, 1), np.int32),
-], ids=["28x28", "rgb", "rank3", "uint8", "int32"])
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((2, 28, 28, 1), np.float32),
+        np.zeros((2, 32, 32, 3), np.float32),
+        np.zeros((32, 32, 1), np.float32),
+        np.zeros((2, 32, 32, 1), np.uint8),
+        np.zeros((2, 32, 32, 1), np.int32),
+    ],
+    ids=["28x28", "rgb", "rank3", "uint8", "int32"],
+)
 def test_bad_inputs_are_one_line_value_errors(bernoulli_model, bad):
-    for fn in (lambda: bernoulli_model(bad, training=False),
-               lambda: importance_weighted(bernoulli_model, bad, 1),
-               lambda: bernoulli_model.reconstruct(bad)):
+    for fn in (
+        lambda: bernoulli_model(bad, training=False),
+        lambda: importance_weighted(bernoulli_model, bad, 1),
+        lambda: bernoulli_model.reconstruct(bad),
+    ):
         with pytest.raises(ValueError) as e:
             fn()
         message = str(e.value).strip()
@@ -399,11 +456,12 @@ def test_bad_inputs_are_one_line_value_errors(bernoulli_model, bad):
 
 # ----------------------------------------------------------------------------- sampling, seeds
 
+
 def test_sample_bernoulli_shapes_and_range(bernoulli_model):
     images = bernoulli_model.sample(3, temperature=0.7, seed=[1, 2]).numpy()
     assert images.shape == (3, 32, 32, 1) and images.dtype == np.float32
     assert images.min() >= 0.0 and images.max() <= 1.0
-    assert 0.0 < images.std()  # Bernoulli means: probabilities, not all equal
+    assert images.std() > 0.0  # Bernoulli means: probabilities, not all equal
 
 
 def test_sample_mixture_shapes_and_range(colour_model):
@@ -422,16 +480,16 @@ def test_seeds_make_sampling_and_forward_reproducible(bernoulli_model, colour_mo
         np.testing.assert_array_equal(a, b)
         assert not np.array_equal(a, c)
         size = model.config.image_size
-        x = (binary_images(2) if model.config.decoder == "bernoulli"
-             else colour_images(2, size=size))
+        x = binary_images(2) if model.config.decoder == "bernoulli" else colour_images(2, size=size)
         f1 = model(x, training=False, seed=[5, 6])
         f2 = model(x, training=False, seed=[5, 6])
         f3 = model(x, training=False, seed=[5, 7])
         np.testing.assert_array_equal(f1["kl"], f2["kl"])
         np.testing.assert_array_equal(f1["logits"], f2["logits"])
         assert not np.array_equal(f1["logits"], f3["logits"])
-        np.testing.assert_array_equal(model.reconstruct(x, seed=[1, 1]),
-                                      model.reconstruct(x, seed=[1, 1]))
+        np.testing.assert_array_equal(
+            model.reconstruct(x, seed=[1, 1]), model.reconstruct(x, seed=[1, 1])
+        )
 
 
 def test_without_seed_the_generator_advances_and_is_reproducible_from_config_seed():

@@ -5,6 +5,7 @@ and alone writes the run directory; worker 1 runs ``train()`` with ``TF_CONFIG``
 that saves its final weights. Those must equal the weights ``restore_model`` reads back from
 the chief's checkpoint.
 """
+
 import json
 import os
 import socket
@@ -13,14 +14,16 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from conftest import ROOT, SMALL_SHRUNK, SMALL_CONFIG as SMALL  # noqa: E402
+import numpy as np
+import pytest
+from conftest import ROOT, SMALL_SHRUNK
+from conftest import SMALL_CONFIG as SMALL
 
 TINY = SMALL_SHRUNK + ["batch_size=8", "epochs=2"]
 STEPS = 4
 
-WORKER = """
+WORKER = (
+    """
 import json, sys
 import keras, numpy as np
 from nvae_tf.config import NVAEConfig
@@ -42,13 +45,14 @@ class SaveWeights(keras.callbacks.Callback):
         self.changed = changed
 
 saver = SaveWeights()
-config = NVAEConfig.from_yaml(%r).with_overrides(overrides)
+config = NVAEConfig.from_yaml(SMALL_CONFIG).with_overrides(overrides)
 result = train(config, out, steps=steps, strategy=strategy, verbose=0, callbacks=[saver],
                log_every=2, checkpoint_every=2)
 result["weights_changed"] = saver.changed
 with open(result_file, "w") as f:
     json.dump(result, f)
-""" % SMALL
+"""
+).replace("SMALL_CONFIG", repr(SMALL))
 
 
 def free_ports(n):
@@ -73,20 +77,59 @@ def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(tmp_pa
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("TF_CONFIG", None)
 
-    chief_args = [sys.executable, "-m", "trainers.train", "--config", SMALL, "--out", str(out),
-                  "--workers", ",".join(workers), "--task-index", "0", "--steps", str(STEPS),
-                  "--log-every", "2", "--checkpoint-every", "2", "--verbose", "2"]
+    chief_args = [
+        sys.executable,
+        "-m",
+        "trainers.train",
+        "--config",
+        SMALL,
+        "--out",
+        str(out),
+        "--workers",
+        ",".join(workers),
+        "--task-index",
+        "0",
+        "--steps",
+        str(STEPS),
+        "--log-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--verbose",
+        "2",
+    ]
     for item in TINY:
         chief_args += ["--set", item]
-    worker_env = {**env, "TMPDIR": str(scratch), "TF_CONFIG": json.dumps(
-        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 1}})}
-    worker_args = [sys.executable, str(script), str(out), str(tmp_path / "weights.npz"),
-                   str(tmp_path / "result.json"), str(STEPS), *TINY]
+    worker_env = {
+        **env,
+        "TMPDIR": str(scratch),
+        "TF_CONFIG": json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 1}}
+        ),
+    }
+    worker_args = [
+        sys.executable,
+        str(script),
+        str(out),
+        str(tmp_path / "weights.npz"),
+        str(tmp_path / "result.json"),
+        str(STEPS),
+        *TINY,
+    ]
 
-    procs = [subprocess.Popen(chief_args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True),
-             subprocess.Popen(worker_args, cwd=ROOT, env=worker_env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)]
+    procs = [
+        subprocess.Popen(
+            chief_args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ),
+        subprocess.Popen(
+            worker_args,
+            cwd=ROOT,
+            env=worker_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+    ]
     try:
         outputs = [p.communicate(timeout=420) for p in procs]
     finally:
@@ -97,8 +140,7 @@ def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(tmp_pa
         assert p.returncode == 0, stderr[-3000:]
 
     # The chief wrote the run directory; the other worker left nothing behind.
-    assert sorted(os.listdir(out)) == ["checkpoints", "config.yaml", "metrics.csv",
-                                       "tensorboard"]
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.yaml", "metrics.csv", "tensorboard"]
     assert latest_checkpoint(str(out)).endswith(f"ckpt-{STEPS}")
     assert os.listdir(scratch) == []
 

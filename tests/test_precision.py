@@ -7,6 +7,7 @@ Tolerances on the loss (a per-image sum of ~5000 nats): float16 rtol 2e-4, bfloa
 (bfloat16 keeps 8 bits of mantissa, float16 11); the KL term (~300 nats) 5x those. Seen on the
 untrained tiny model: float16 loss 5e-7, KL 4e-5; bfloat16 loss 1e-6, KL 7e-4.
 """
+
 import keras
 import numpy as np
 import pytest
@@ -41,8 +42,12 @@ def reference():
     x = colour_images(4)
     terms = model.objective(model, model(x, training=True, seed=SEED), x, 0)
     logs = model.train_step(x)
-    return {"weights": weights, "x": x, "terms": {k: float(v) for k, v in terms.items()},
-            "logs": {k: float(v) for k, v in logs.items()}}
+    return {
+        "weights": weights,
+        "x": x,
+        "terms": {k: float(v) for k, v in terms.items()},
+        "logs": {k: float(v) for k, v in logs.items()},
+    }
 
 
 @pytest.fixture(scope="module", params=["mixed_float16", "mixed_bfloat16"])
@@ -59,8 +64,11 @@ def test_mixed_model_computes_in_low_precision_with_float32_variables(mixed):
     policy, model = mixed
     low = policy.split("_")[1]
     assert model.compute_dtype == low and model.dtype_policy.name == policy
-    assert all(v.dtype == "float32" for v in model.weights if v.dtype != "int64"
-               and "bool" not in str(v.dtype))
+    assert all(
+        v.dtype == "float32"
+        for v in model.weights
+        if v.dtype != "int64" and "bool" not in str(v.dtype)
+    )
     conv = model.stem
     assert conv.compute_dtype == low and conv.effective_kernel().dtype == tf.float32
 
@@ -71,17 +79,21 @@ def test_forward_loss_close_to_float32(mixed, reference):
     terms = model.objective(model, model(x, training=True, seed=SEED), x, 0)
     for name in ("loss", "nelbo", "recon", "kl", "spectral", "bn_penalty"):
         assert terms[name].dtype == tf.float32, name
-        np.testing.assert_allclose(float(terms[name]), reference["terms"][name],
-                                   rtol=TOLERANCE[policy] * (5 if name == "kl" else 1),
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            float(terms[name]),
+            reference["terms"][name],
+            rtol=TOLERANCE[policy] * (5 if name == "kl" else 1),
+            err_msg=name,
+        )
 
 
 def test_train_step_runs_and_loss_close_to_float32(mixed, reference):
     policy, model = mixed
     before = [v.numpy() for v in model.trainable_variables]
     logs = model.train_step(reference["x"])
-    np.testing.assert_allclose(float(logs["loss"]), reference["logs"]["loss"],
-                               rtol=TOLERANCE[policy])
+    np.testing.assert_allclose(
+        float(logs["loss"]), reference["logs"]["loss"], rtol=TOLERANCE[policy]
+    )
     assert int(logs["skipped_steps"]) == 0
     assert np.isfinite(float(logs["grad_norm"]))
     changed = [not np.array_equal(v.numpy(), b) for v, b in zip(model.trainable_variables, before)]
@@ -89,8 +101,10 @@ def test_train_step_runs_and_loss_close_to_float32(mixed, reference):
     assert all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)
 
 
-@pytest.mark.parametrize("policy, scale, dynamic", [
-    ("float32", 1.0, False), ("mixed_bfloat16", 1.0, False), ("mixed_float16", 1024.0, True)])
+@pytest.mark.parametrize(
+    "policy, scale, dynamic",
+    [("float32", 1.0, False), ("mixed_bfloat16", 1.0, False), ("mixed_float16", 1024.0, True)],
+)
 def test_initial_loss_scale(policy, scale, dynamic):
     keras.mixed_precision.set_global_policy(policy)
     model = NVAE(colour_config(precision=policy, num_nf=0, num_latent_per_group=4))

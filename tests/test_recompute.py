@@ -1,4 +1,5 @@
 """Gradient checkpointing (config.recompute): same gradients, BN statistics updated once."""
+
 import keras
 import numpy as np
 import pytest
@@ -6,8 +7,8 @@ import tensorflow as tf
 from conftest import binary_images, tiny_config
 
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
-from nvae_tf.model import NVAE
 from nvae_tf.layers.recompute import recompute_cells, run_cells
+from nvae_tf.model import NVAE
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -27,8 +28,9 @@ def _grads(model, x):
 
 
 def _moving_stats(model):
-    return [v.numpy() for bn in model.batchnorm_layers()
-            for v in (bn.moving_mean, bn.moving_variance)]
+    return [
+        v.numpy() for bn in model.batchnorm_layers() for v in (bn.moving_mean, bn.moving_variance)
+    ]
 
 
 def _models(**overrides):
@@ -92,8 +94,12 @@ def test_recompute_gives_the_same_gradients_and_updates_bn_once(models):
 
 def test_recompute_cells_input_gradient_and_variables():
     """The custom gradient w.r.t. the stack input and every variable, on a mixed stack."""
-    cells = [EncoderCell(), EncoderCell(downsample=True), DecoderCell(6, upsample=True),
-             DecoderCell(3)]
+    cells = [
+        EncoderCell(),
+        EncoderCell(downsample=True),
+        DecoderCell(6, upsample=True),
+        DecoderCell(3),
+    ]
     x = tf.random.normal((3, 8, 8, 4), seed=1)
     run_cells(cells, x, training=False)  # build
     variables = [v for c in cells for v in c.trainable_variables]

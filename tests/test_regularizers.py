@@ -1,4 +1,5 @@
 """Tests for nvae_tf.training.regularizers: spectral regularizer (spec 5.4) and BN penalty (spec 5.5)."""
+
 import os
 import subprocess
 import sys
@@ -6,22 +7,27 @@ import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
 
-from nvae_tf.layers.flows import MaskedConv2D  # noqa: E402
-from nvae_tf.training.regularizers import SpectralRegularizer, batchnorm_penalty  # noqa: E402
-from nvae_tf.layers.weight_norm import Conv2D  # noqa: E402
+from nvae_tf.layers.flows import MaskedConv2D
+from nvae_tf.layers.weight_norm import Conv2D
+from nvae_tf.training.regularizers import SpectralRegularizer, batchnorm_penalty
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_convs(seed=0):
     """Built convs covering dense, depthwise, plain 1x1 and masked kernels; two share a shape."""
-    convs = [Conv2D(6, 3), Conv2D(6, 3), Conv2D(4, 5, depthwise=True),
-             Conv2D(8, 1, use_bias=False, weight_norm=False), MaskedConv2D(8, 3, zero_diag=True)]
+    convs = [
+        Conv2D(6, 3),
+        Conv2D(6, 3),
+        Conv2D(4, 5, depthwise=True),
+        Conv2D(8, 1, use_bias=False, weight_norm=False),
+        MaskedConv2D(8, 3, zero_diag=True),
+    ]
     rng = np.random.default_rng(seed)
     for conv in convs:
         conv.build((None, 4, 4, 4))
@@ -31,8 +37,9 @@ def make_convs(seed=0):
 
 
 def top_singular_values(convs):
-    return np.array([np.linalg.svd(c.kernel_matrix().numpy().T, compute_uv=False)[0]
-                     for c in convs])
+    return np.array(
+        [np.linalg.svd(c.kernel_matrix().numpy().T, compute_uv=False)[0] for c in convs]
+    )
 
 
 def np_normalize(x):
@@ -110,9 +117,9 @@ def test_gradient_reaches_kernels_not_vectors():
         total = sr()
     kernels = [c.kernel for c in convs]
     grads = tape.gradient(total, kernels + watched)
-    for g in grads[:len(kernels)]:
+    for g in grads[: len(kernels)]:
         assert g is not None and float(tf.reduce_max(tf.abs(g))) > 0.0
-    assert all(g is None for g in grads[len(kernels):])
+    assert all(g is None for g in grads[len(kernels) :])
 
 
 def test_state_is_non_trainable_and_not_duplicated_in_a_model():
@@ -121,8 +128,9 @@ def test_state_is_non_trainable_and_not_duplicated_in_a_model():
     sr.build_for(convs)
     assert sr.trainable_variables == []
     names = sorted(v.path.split("/")[-1] for v in sr.non_trainable_variables)
-    assert names == sorted(["initialized"] + [f"{p}_{s}" for p in "uv"
-                                              for s in ("6x36", "4x25", "8x4", "8x36")])
+    assert names == sorted(
+        ["initialized"] + [f"{p}_{s}" for p in "uv" for s in ("6x36", "4x25", "8x4", "8x36")]
+    )
 
     class Holder(keras.Model):
         def __init__(self, layers):
@@ -294,20 +302,35 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 
 def test_under_mirrored_strategy_on_two_cpus(tmp_path):
     # Logical devices must be configured before TF runs any op: use a fresh interpreter.
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "CKPT_DIR": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "CKPT_DIR": str(tmp_path),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and "MIRRORED_OK" in result.stdout, (
-        result.stdout[-3000:] + result.stderr[-3000:])
+        result.stdout[-3000:] + result.stderr[-3000:]
+    )
 
 
 # ----------------------------------------------------------------------------- BN penalty
 
+
 def test_batchnorm_penalty():
     rng = np.random.default_rng(0)
-    layers = [keras.layers.BatchNormalization(), keras.layers.BatchNormalization(),
-              keras.layers.BatchNormalization(scale=False)]
+    layers = [
+        keras.layers.BatchNormalization(),
+        keras.layers.BatchNormalization(),
+        keras.layers.BatchNormalization(scale=False),
+    ]
     expected = 0.0
     for bn, channels in zip(layers, (3, 5, 4)):
         bn.build((None, 2, 2, channels))

@@ -1,4 +1,5 @@
 """Exact resume: stop + ``--resume`` reproduces an uninterrupted run; kills never break a run."""
+
 import csv
 import os
 import signal
@@ -8,10 +9,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from conftest import ROOT, SMALL_SHRUNK, SMALL_CONFIG as SMALL  # noqa: E402
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ROOT, SMALL_SHRUNK
+from conftest import SMALL_CONFIG as SMALL
 
 # A tiny model; batch 300 makes an epoch 15 steps, so runs cross an epoch boundary (metric
 # reset, reshuffle, held-out evaluation) within a few steps.
@@ -23,12 +25,22 @@ TINY = SMALL_SHRUNK + ["batch_size=300", "epochs=3"]
 DETERMINISTIC_MAIN = (
     "import sys, tensorflow as tf; tf.config.experimental.enable_op_determinism(); "
     "tf.config.optimizer.set_experimental_options({'arithmetic_optimization': False}); "
-    "from trainers.train import main; sys.exit(main(sys.argv[1:]))")
+    "from trainers.train import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def cli(out, *extra):
-    args = [sys.executable, "-c", DETERMINISTIC_MAIN, "--config", SMALL, "--out", str(out),
-            "--verbose", "0"]
+    args = [
+        sys.executable,
+        "-c",
+        DETERMINISTIC_MAIN,
+        "--config",
+        SMALL,
+        "--out",
+        str(out),
+        "--verbose",
+        "0",
+    ]
     for item in TINY:
         args += ["--set", item]
     return args + list(extra)
@@ -54,11 +66,14 @@ def checkpoint_values(out):
     iterator's state is a variant: only its name is listed, with value None)."""
     path = tf.train.latest_checkpoint(os.path.join(out, "checkpoints"))
     reader = tf.train.load_checkpoint(path)
-    names = [name for name, _ in tf.train.list_variables(path)
-             if name not in ("save_counter/.ATTRIBUTES/VARIABLE_VALUE",
-                             "_CHECKPOINTABLE_OBJECT_GRAPH")]
-    return path, {name: None if name.endswith("ITERATOR_STATE") else reader.get_tensor(name)
-                  for name in names}
+    names = [
+        name
+        for name, _ in tf.train.list_variables(path)
+        if name not in ("save_counter/.ATTRIBUTES/VARIABLE_VALUE", "_CHECKPOINTABLE_OBJECT_GRAPH")
+    ]
+    return path, {
+        name: None if name.endswith("ITERATOR_STATE") else reader.get_tensor(name) for name in names
+    }
 
 
 @pytest.mark.slow
@@ -73,8 +88,12 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(1, 19))
     assert rows[14]["val_nelbo"] != ""  # step 15 ends epoch 0 and was evaluated
     # Every logged value of every step, bit for bit.
-    differences = [(a["step"], k, a[k], b[k]) for a, b in zip(rows, metric_rows(parts))
-                   for k in a if a[k] != b[k]]
+    differences = [
+        (a["step"], k, a[k], b[k])
+        for a, b in zip(rows, metric_rows(parts))
+        for k in a
+        if a[k] != b[k]
+    ]
     assert not differences and len(metric_rows(parts)) == len(rows), differences[:5]
 
     path_whole, whole_values = checkpoint_values(whole)
@@ -107,8 +126,14 @@ def test_killed_and_signalled_runs_resume_cleanly(tmp_path):
 
     # SIGKILL while checkpointing every step: whatever was being written, the latest
     # checkpoint stays complete and loadable.
-    proc = subprocess.Popen(cli(out, *flags), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli(out, *flags),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: saved_step(out) >= 3, proc)
     proc.kill()
     proc.wait()
@@ -119,8 +144,14 @@ def test_killed_and_signalled_runs_resume_cleanly(tmp_path):
     (out / "checkpoints" / "ckpt-999.index").write_bytes(b"half-written")
 
     # SIGTERM: the run finishes its step, checkpoints it and exits with 130.
-    proc = subprocess.Popen(cli(out, "--resume", *flags), cwd=ROOT, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli(out, "--resume", *flags),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: saved_step(out) >= killed_at + 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)

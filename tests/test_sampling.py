@@ -1,19 +1,20 @@
 """Sampling: nvae-sample grids, temperatures, BN re-adjustment and its store, fixed-top grids."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from conftest import tiny_config  # noqa: E402
-from PIL import Image  # noqa: E402
-from tiny_runs import Run  # noqa: E402
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import tiny_config
+from PIL import Image
+from tiny_runs import Run
 
-from nvae_tf.inference import bn_readjust, sampling  # noqa: E402
-from nvae_tf.run_dir import latest_checkpoint, restore_model  # noqa: E402
-from nvae_tf.inference.image_grid import grid  # noqa: E402
-from trainers import sample as sample_cli  # noqa: E402
+from nvae_tf.inference import bn_readjust, sampling
+from nvae_tf.inference.image_grid import grid
+from nvae_tf.run_dir import latest_checkpoint, restore_model
+from trainers import sample as sample_cli
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +24,27 @@ def run(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def test_sample_cli_grid_size_seed_and_library_agreement(run, tmp_path):
     digit = tmp_path / "digit.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), np.uint8)).save(digit)
     outs = [tmp_path / name for name in ("a", "b", "c")]
     for out, seed in zip(outs, (3, 3, 4)):
-        argv = ["--checkpoint", run.dir, "--num", "6", "--columns", "3", "--temperature", "0.7",
-                "--seed", str(seed), "--out", str(out), "--npy"]
+        argv = [
+            "--checkpoint",
+            run.dir,
+            "--num",
+            "6",
+            "--columns",
+            "3",
+            "--temperature",
+            "0.7",
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+            "--npy",
+        ]
         if out.name == "a":
             argv += ["--reconstruct", str(digit)]
         assert sample_cli.main(argv) == 0
@@ -51,15 +66,18 @@ def test_sample_cli_grid_size_seed_and_library_agreement(run, tmp_path):
     np.testing.assert_allclose(recon[1, 0], model.reconstruct(inputs, seed=3)[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--temperature", "0"], "--temperature must be a number > 0"),
-    (["--temperature", "-1"], "--temperature must be a number > 0"),
-    (["--temperature", "inf"], "--temperature must be a number > 0"),
-    (["--decoder-temperature", "0"], "--decoder-temperature must be a number > 0"),
-    (["--fix-top-scales", "3"], "--fix-top-scales takes 0..2"),
-    (["--num", "0"], "--num must be >= 1"),
-    (["--reconstruct", "/nonexistent.png"], "cannot read image"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--temperature", "0"], "--temperature must be a number > 0"),
+        (["--temperature", "-1"], "--temperature must be a number > 0"),
+        (["--temperature", "inf"], "--temperature must be a number > 0"),
+        (["--decoder-temperature", "0"], "--decoder-temperature must be a number > 0"),
+        (["--fix-top-scales", "3"], "--fix-top-scales takes 0..2"),
+        (["--num", "0"], "--num must be >= 1"),
+        (["--reconstruct", "/nonexistent.png"], "cannot read image"),
+    ],
+)
 def test_sample_cli_user_errors_are_one_line(run, capsys, argv, message):
     assert sample_cli.main(["--checkpoint", run.dir] + argv) == 2
     err = capsys.readouterr().err.strip()
@@ -76,10 +94,13 @@ def test_grid_layout():
 
 # ----------------------------------------------------------------------------- temperatures
 
+
 def test_decoder_temperature_shrinks_the_pixel_spread(colour_model):
     decoders = {t: colour_model.prior_decoder(4, 1.0, t, seed=1) for t in (1.0, 0.5, 0.1)}
-    spread = {t: float(tf.reduce_mean(tf.math.reduce_std(d.sample(64, seed=[2, 0]), axis=0)))
-              for t, d in decoders.items()}
+    spread = {
+        t: float(tf.reduce_mean(tf.math.reduce_std(d.sample(64, seed=[2, 0]), axis=0)))
+        for t, d in decoders.items()
+    }
     # Multiplying the noise by T: less spread at lower T (the original's division: more).
     assert spread[1.0] > spread[0.5] > spread[0.1] > 0
     assert spread[0.1] < 0.5 * spread[1.0]
@@ -99,6 +120,7 @@ def test_non_finite_samples_are_reported():
 
 # ----------------------------------------------------------------------------- BN re-adjustment
 
+
 def _stats(layers):
     return [np.concatenate([l.moving_mean.numpy(), l.moving_variance.numpy()]) for l in layers]
 
@@ -111,8 +133,9 @@ def test_bn_readjust_updates_decoder_stats_stores_and_reuses_them(tmp_path, monk
     assert decoder_layers and encoder_layers
     before_dec, before_enc = _stats(decoder_layers), _stats(encoder_layers)
 
-    reused = bn_readjust.load_or_readjust(model, run.dir, 0.6, latest_checkpoint(run.dir),
-                                          num_passes=3, batch_size=4)
+    reused = bn_readjust.load_or_readjust(
+        model, run.dir, 0.6, latest_checkpoint(run.dir), num_passes=3, batch_size=4
+    )
     assert not reused
     after = _stats(decoder_layers)
     assert all(not np.allclose(a, b) for a, b in zip(after, before_dec))
@@ -126,8 +149,9 @@ def test_bn_readjust_updates_decoder_stats_stores_and_reuses_them(tmp_path, monk
 
     monkeypatch.setattr(bn_readjust, "readjust_batchnorm", must_not_run)
     fresh = restore_model(run.dir)
-    assert bn_readjust.load_or_readjust(fresh, run.dir, 0.6, latest_checkpoint(run.dir),
-                                        num_passes=3, batch_size=4)
+    assert bn_readjust.load_or_readjust(
+        fresh, run.dir, 0.6, latest_checkpoint(run.dir), num_passes=3, batch_size=4
+    )
     for a, b in zip(_stats(bn_readjust.decoder_batchnorm_layers(fresh)), after):
         np.testing.assert_array_equal(a, b)
     assert mtimes == {f: os.stat(os.path.join(store, f)).st_mtime_ns for f in os.listdir(store)}
@@ -138,8 +162,9 @@ def test_bn_readjust_updates_decoder_stats_stores_and_reuses_them(tmp_path, monk
     # A newer checkpoint makes the stored statistics stale.
     run.save()
     newer = restore_model(run.dir)
-    assert not bn_readjust.load_or_readjust(newer, run.dir, 0.6, latest_checkpoint(run.dir),
-                                            num_passes=3, batch_size=4)
+    assert not bn_readjust.load_or_readjust(
+        newer, run.dir, 0.6, latest_checkpoint(run.dir), num_passes=3, batch_size=4
+    )
 
 
 def test_bn_readjust_with_nan_outputs_fails_clearly_and_keeps_the_stats(run):
@@ -156,6 +181,7 @@ def test_bn_readjust_with_nan_outputs_fails_clearly_and_keeps_the_stats(run):
 
 
 # ----------------------------------------------------------------------------- fixed top scales
+
 
 def test_fixed_top_grid_rows_share_the_top_scale_latents(run):
     model = run.model

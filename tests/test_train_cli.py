@@ -1,4 +1,5 @@
 """``nvae-train`` end to end on a tiny model: the run directory, bad input, the skip guard."""
+
 import csv
 import glob
 import os
@@ -8,12 +9,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from conftest import ROOT, SMALL_SHRUNK, SMALL_CONFIG as SMALL  # noqa: E402
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ROOT, SMALL_SHRUNK
+from conftest import SMALL_CONFIG as SMALL
 
-from nvae_tf.config import NVAEConfig  # noqa: E402
+from nvae_tf.config import NVAEConfig
 
 TINY = SMALL_SHRUNK + ["batch_size=8", "epochs=2"]
 
@@ -27,8 +29,14 @@ def tiny_args(out, *extra):
 
 def run_cli(args):
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-m", "trainers.train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "trainers.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def error_lines(stderr):
@@ -37,8 +45,21 @@ def error_lines(stderr):
 
 def test_cli_smoke_run_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(tiny_args(out, "--steps", "3", "--log-every", "1", "--image-every", "2",
-                             "--checkpoint-every", "2", "--verbose", "2"))
+    proc = run_cli(
+        tiny_args(
+            out,
+            "--steps",
+            "3",
+            "--log-every",
+            "1",
+            "--image-every",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--verbose",
+            "2",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     saved = NVAEConfig.from_yaml(out / "config.yaml")
@@ -63,8 +84,17 @@ def test_cli_smoke_run_writes_the_run_directory(tmp_path):
     tags = set()
     for event in tf.compat.v1.train.summary_iterator(events[0]):
         tags.update(value.tag for value in event.summary.value)
-    assert {"loss", "bpd", "beta", "learning_rate", "kl_per_group/1", "active_units",
-            "reconstructions", "samples/t=0.7", "samples/t=1"} <= tags
+    assert {
+        "loss",
+        "bpd",
+        "beta",
+        "learning_rate",
+        "kl_per_group/1",
+        "active_units",
+        "reconstructions",
+        "samples/t=0.7",
+        "samples/t=1",
+    } <= tags
 
     assert "held-out ELBO on 500 test images" in proc.stdout
     assert "bits/dim" in proc.stdout
@@ -129,8 +159,19 @@ def test_skip_guard_stops_a_run_whose_every_step_is_non_finite(tmp_path, capsys,
 
     monkeypatch.setattr(Objective, "__call__", nan_loss)
     out = tmp_path / "run"
-    code = main(tiny_args(out, "--steps", "50", "--set", "max_skipped_steps=3",
-                          "--checkpoint-every", "1", "--verbose", "0"))
+    code = main(
+        tiny_args(
+            out,
+            "--steps",
+            "50",
+            "--set",
+            "max_skipped_steps=3",
+            "--checkpoint-every",
+            "1",
+            "--verbose",
+            "0",
+        )
+    )
     assert code == 1
     errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1

@@ -1,22 +1,31 @@
 """Optimizer, schedules and KL balancing against the formulas of spec 5.2-5.8."""
+
 import math
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
 
-from nvae_tf.training.kl_balancing import (SPEC_ALPHA_PER_SCALE, SPEC_GROUPS_PER_SCALE,  # noqa: E402
-                                  balance_coefficients, balance_gamma, balanced_kl)
-from nvae_tf.training.optimizer import NVAEAdamax  # noqa: E402
-from nvae_tf.training.schedules import (NVAELearningRate, kl_coefficient,  # noqa: E402
-                               regularizer_weight)
-
+from nvae_tf.training.kl_balancing import (
+    SPEC_ALPHA_PER_SCALE,
+    SPEC_GROUPS_PER_SCALE,
+    balance_coefficients,
+    balance_gamma,
+    balanced_kl,
+)
+from nvae_tf.training.optimizer import NVAEAdamax
+from nvae_tf.training.schedules import (
+    NVAELearningRate,
+    kl_coefficient,
+    regularizer_weight,
+)
 
 # ----------------------------------------------------------------------------- references
+
 
 def numpy_adamax(params, grad_fn, lrs, l2_decay, b1=0.9, b2=0.999, eps=1e-3):
     """Spec 5.7 in float64: g += wd*p; m, u = max(b2*u, |g|+eps); p -= lr/(1-b1^t) * m/u."""
@@ -29,7 +38,7 @@ def numpy_adamax(params, grad_fn, lrs, l2_decay, b1=0.9, b2=0.999, eps=1e-3):
             g = g + l2_decay * p
             m[i] = b1 * m[i] + (1 - b1) * g
             u[i] = np.maximum(b2 * u[i], np.abs(g) + eps)
-            params[i] = p - lr / (1 - b1 ** t) * m[i] / u[i]
+            params[i] = p - lr / (1 - b1**t) * m[i] / u[i]
     return params
 
 
@@ -42,9 +51,9 @@ def original_lr_per_step(lr_max, lr_min, warmup_epochs, epochs, steps_per_epoch)
     for epoch in range(epochs):
         if epoch > warmup_epochs:
             last_epoch += 1
-            group_lr = ((1 + math.cos(math.pi * last_epoch / t_max))
-                        / (1 + math.cos(math.pi * (last_epoch - 1) / t_max))
-                        * (group_lr - lr_min) + lr_min)
+            group_lr = (1 + math.cos(math.pi * last_epoch / t_max)) / (
+                1 + math.cos(math.pi * (last_epoch - 1) / t_max)
+            ) * (group_lr - lr_min) + lr_min
         for _ in range(steps_per_epoch):
             if global_step < warmup_iters:
                 group_lr = lr_max * global_step / warmup_iters
@@ -56,8 +65,10 @@ def original_lr_per_step(lr_max, lr_min, warmup_epochs, epochs, steps_per_epoch)
 def random_params_and_grads(seed, scale=1.0, steps=5):
     rng = np.random.default_rng(seed)
     params = [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(5,)).astype(np.float32)]
-    grads = [[(scale * rng.normal(size=p.shape)).astype(np.float32) for p in params]
-             for _ in range(steps)]
+    grads = [
+        [(scale * rng.normal(size=p.shape)).astype(np.float32) for p in params]
+        for _ in range(steps)
+    ]
     return params, grads
 
 
@@ -69,6 +80,7 @@ def run_keras(optimizer, params, grads):
 
 
 # ----------------------------------------------------------------------------- optimizer
+
 
 @pytest.mark.parametrize("l2_decay", [0.0, 0.05])
 def test_adamax_matches_numpy_reference(l2_decay):
@@ -87,8 +99,9 @@ def test_adamax_differs_from_keras_adamax():
     params = [np.zeros((4,), np.float32)]
     grads = [[np.full((4,), 1e-2, np.float32)]] + [[np.full((4,), 1e-5, np.float32)]] * 4
     ours = run_keras(NVAEAdamax(learning_rate=1e-2, beta_2=0.5, l2_decay=0.0), params, grads)
-    theirs = run_keras(keras.optimizers.Adamax(learning_rate=1e-2, beta_2=0.5, epsilon=1e-3),
-                       params, grads)
+    theirs = run_keras(
+        keras.optimizers.Adamax(learning_rate=1e-2, beta_2=0.5, epsilon=1e-3), params, grads
+    )
     want = numpy_adamax(params, lambda t, p: grads[t], [1e-2] * len(grads), 0.0, b2=0.5)
     np.testing.assert_allclose(ours[0], want[0], rtol=1e-5)
     assert abs(theirs[0][0] - ours[0][0]) > 0.05 * abs(ours[0][0])
@@ -96,8 +109,9 @@ def test_adamax_differs_from_keras_adamax():
     # Weight decay: coupled L2 in the gradient vs Keras' decoupled (AdamW-style) decay.
     params, grads = random_params_and_grads(1)
     ours = run_keras(NVAEAdamax(learning_rate=1e-2, l2_decay=0.5), params, grads)
-    theirs = run_keras(keras.optimizers.Adamax(learning_rate=1e-2, epsilon=1e-3,
-                                               weight_decay=0.5), params, grads)
+    theirs = run_keras(
+        keras.optimizers.Adamax(learning_rate=1e-2, epsilon=1e-3, weight_decay=0.5), params, grads
+    )
     want = numpy_adamax(params, lambda t, p: grads[t], [1e-2] * len(grads), 0.5)
     np.testing.assert_allclose(ours[0], want[0], rtol=1e-5, atol=1e-7)
     assert np.abs(theirs[0] - ours[0]).max() > 1e-3
@@ -140,6 +154,7 @@ def test_adamax_under_mirrored_strategy():
             with tf.GradientTape() as tape:
                 loss = sum(tf.reduce_sum(v * tf.gather(g, t)) for v, g in zip(variables, stacked))
             opt.apply(tape.gradient(loss, variables), variables)
+
         strategy.run(replica_fn)
 
     stacked = [tf.constant(np.stack([g[i] for g in grads])) for i in range(len(params))]
@@ -154,8 +169,9 @@ def test_adamax_in_loss_scale_optimizer_matches_unscaled():
     x = tf.constant(np.random.default_rng(4).normal(size=(8, 6)), tf.float32)
 
     def make_layer():
-        layer = keras.layers.Dense(3, dtype="mixed_float16",
-                                   kernel_initializer=keras.initializers.Constant(0.1))
+        layer = keras.layers.Dense(
+            3, dtype="mixed_float16", kernel_initializer=keras.initializers.Constant(0.1)
+        )
         layer.build((None, 6))
         return layer
 
@@ -163,21 +179,24 @@ def test_adamax_in_loss_scale_optimizer_matches_unscaled():
         return tf.reduce_sum(tf.cast(layer(x), tf.float32) ** 2)
 
     scaled_layer, plain_layer = make_layer(), make_layer()
-    lso = keras.optimizers.LossScaleOptimizer(NVAEAdamax(learning_rate=1e-2, l2_decay=0.05),
-                                              initial_scale=1024.0)
+    lso = keras.optimizers.LossScaleOptimizer(
+        NVAEAdamax(learning_rate=1e-2, l2_decay=0.05), initial_scale=1024.0
+    )
     with tf.GradientTape() as tape:
         scaled_loss = lso.scale_loss(loss_fn(scaled_layer))
-    lso.apply(tape.gradient(scaled_loss, scaled_layer.trainable_variables),
-              scaled_layer.trainable_variables)
+    lso.apply(
+        tape.gradient(scaled_loss, scaled_layer.trainable_variables),
+        scaled_layer.trainable_variables,
+    )
 
     plain = NVAEAdamax(learning_rate=1e-2, l2_decay=0.05)
     with tf.GradientTape() as tape:
         loss = loss_fn(plain_layer)
-    plain.apply(tape.gradient(loss, plain_layer.trainable_variables),
-                plain_layer.trainable_variables)
+    plain.apply(
+        tape.gradient(loss, plain_layer.trainable_variables), plain_layer.trainable_variables
+    )
 
-    assert all(v.dtype == "float32" for v in lso.inner_optimizer.variables
-               if v.name != "iteration")
+    assert all(v.dtype == "float32" for v in lso.inner_optimizer.variables if v.name != "iteration")
     for a, b in zip(scaled_layer.trainable_variables, plain_layer.trainable_variables):
         assert a.dtype == "float32"
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
@@ -193,8 +212,9 @@ def test_adamax_global_clipnorm_and_ema():
         norm = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads[t]))
         return [g * min(1.0, clip / norm) for g in grads[t]]
 
-    opt = NVAEAdamax(learning_rate=1e-2, l2_decay=0.05, global_clipnorm=clip,
-                     use_ema=True, ema_momentum=0.5)
+    opt = NVAEAdamax(
+        learning_rate=1e-2, l2_decay=0.05, global_clipnorm=clip, use_ema=True, ema_momentum=0.5
+    )
     variables = [tf.Variable(p) for p in params]
     history = []
     for step_grads in grads:
@@ -214,8 +234,14 @@ def test_adamax_global_clipnorm_and_ema():
 
 def test_adamax_config_round_trip():
     schedule = NVAELearningRate(8e-3, 1e-4, 5, 200, 100)
-    opt = NVAEAdamax(learning_rate=schedule, epsilon=2e-3, l2_decay=1e-3, clipnorm=2.0,
-                     use_ema=True, ema_momentum=0.9)
+    opt = NVAEAdamax(
+        learning_rate=schedule,
+        epsilon=2e-3,
+        l2_decay=1e-3,
+        clipnorm=2.0,
+        use_ema=True,
+        ema_momentum=0.9,
+    )
     config = opt.get_config()
     assert "weight_decay" not in config and config["l2_decay"] == 1e-3
     clone = NVAEAdamax.from_config(dict(config))  # from_config edits its argument
@@ -229,25 +255,29 @@ def test_adamax_config_round_trip():
 
 # ----------------------------------------------------------------------------- lr schedule
 
+
 def test_lr_schedule_hand_values():
     # lr_max 1e-2, lr_min 1e-4, 2 warm-up epochs of 10 steps, 7 epochs: WI = 20, T = 4,
     # lr_0 = 1e-2 * 19 / 20 = 9.5e-3.
     schedule = NVAELearningRate(1e-2, 1e-4, warmup_epochs=2, epochs=7, steps_per_epoch=10)
     expected = {
         0: 0.0,
-        10: 5e-3,                    # mid warm-up: 1e-2 * 10 / 20
-        19: 9.5e-3,                  # last warm-up step
-        20: 9.5e-3, 29: 9.5e-3,      # epoch == warmup_epochs keeps the last warm-up value
-        30: 8.1234019e-3,            # epoch 3: 1e-4 + 9.4e-3 * (1 + cos(pi/4)) / 2
+        10: 5e-3,  # mid warm-up: 1e-2 * 10 / 20
+        19: 9.5e-3,  # last warm-up step
+        20: 9.5e-3,
+        29: 9.5e-3,  # epoch == warmup_epochs keeps the last warm-up value
+        30: 8.1234019e-3,  # epoch 3: 1e-4 + 9.4e-3 * (1 + cos(pi/4)) / 2
         39: 8.1234019e-3,
-        40: 4.8e-3,                  # epoch 4: 1e-4 + 9.4e-3 / 2
-        50: 1.4765981e-3,            # epoch 5: 1e-4 + 9.4e-3 * (1 - cos(pi/4)) / 2
-        60: 1e-4, 69: 1e-4,          # last epoch: lr_min
-        500: 1e-4,                   # past the end
+        40: 4.8e-3,  # epoch 4: 1e-4 + 9.4e-3 / 2
+        50: 1.4765981e-3,  # epoch 5: 1e-4 + 9.4e-3 * (1 - cos(pi/4)) / 2
+        60: 1e-4,
+        69: 1e-4,  # last epoch: lr_min
+        500: 1e-4,  # past the end
     }
     for step, lr in expected.items():
-        np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12,
-                                   err_msg=f"step {step}")
+        np.testing.assert_allclose(
+            float(schedule(step)), lr, rtol=1e-6, atol=1e-12, err_msg=f"step {step}"
+        )
 
 
 @pytest.mark.parametrize("warmup_epochs,epochs", [(2, 7), (0, 5), (3, 4), (1, 3)])
@@ -258,7 +288,7 @@ def test_lr_schedule_matches_original_loop(warmup_epochs, epochs):
     got = tf.function(schedule)(steps).numpy()
     want = original_lr_per_step(1e-2, 1e-4, warmup_epochs, epochs, spe)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
-    after = got[warmup_epochs * spe:]
+    after = got[warmup_epochs * spe :]
     assert np.all(np.diff(after) <= 0)
     if epochs - warmup_epochs - 1 > 0:
         np.testing.assert_allclose(got[-spe:], 1e-4, rtol=1e-6)
@@ -274,9 +304,10 @@ def test_lr_schedule_config_round_trip():
 
 # ----------------------------------------------------------------------------- KL warm-up, lambda
 
+
 def test_kl_coefficient():
     total = 10000  # c = 1, A = 3000
-    beta = lambda s: float(kl_coefficient(s, total))  # noqa: E731
+    beta = lambda s: float(kl_coefficient(s, total))
     assert beta(0) == pytest.approx(1e-4) and beta(1) == pytest.approx(1e-4)
     assert beta(1501) == pytest.approx(0.5, rel=1e-6)
     values = np.array([beta(s) for s in range(100, 3000, 100)])
@@ -291,18 +322,22 @@ def test_regularizer_weight():
     # init 10 (flag default), final 1e-2: geometric midpoint sqrt(10 * 1e-2).
     assert float(regularizer_weight(1e-4, 1e-2, True, 10.0)) == pytest.approx(10.0, rel=1e-3)
     assert float(regularizer_weight(1.0, 1e-2, True, 10.0)) == pytest.approx(1e-2, rel=1e-5)
-    assert float(regularizer_weight(0.5, 1e-2, True, 10.0)) == pytest.approx(0.1 ** 0.5, rel=1e-5)
+    assert float(regularizer_weight(0.5, 1e-2, True, 10.0)) == pytest.approx(0.1**0.5, rel=1e-5)
     for beta in (1e-4, 0.3, 1.0):
         assert float(regularizer_weight(beta, 1e-1, False, 10.0)) == pytest.approx(1e-1)
 
 
 # ----------------------------------------------------------------------------- KL balancing
 
-@pytest.mark.parametrize("dataset,groups,alpha", [
-    ("mnist", [5, 10], [1, 2]),
-    ("celeba64", [5, 10, 20], [1, 2, 4]),
-    ("celeba_hq256", [4, 4, 4, 8, 16], [1, 4, 16, 32, 64]),
-])
+
+@pytest.mark.parametrize(
+    "dataset,groups,alpha",
+    [
+        ("mnist", [5, 10], [1, 2]),
+        ("celeba64", [5, 10, 20], [1, 2, 4]),
+        ("celeba_hq256", [4, 4, 4, 8, 16], [1, 4, 16, 32, 64]),
+    ],
+)
 def test_balance_coefficients_spec_values(dataset, groups, alpha):
     assert list(SPEC_GROUPS_PER_SCALE[dataset]) == groups
     assert list(SPEC_ALPHA_PER_SCALE[dataset]) == alpha

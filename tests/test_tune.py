@@ -1,9 +1,11 @@
 """nvae-tune: search-space parsing, the tuner's bookkeeping (with a stand-in for training), and
 a real tiny search on the bundled digits that trains, fails a diverging trial and resumes."""
+
 import csv
 import glob
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -13,18 +15,41 @@ import keras_tuner
 import pytest
 import yaml
 
-from nvae_tf.run_dir import config_path
 from nvae_tf.config import NVAEConfig
-from nvae_tf.training.tuning import (BEST_CONFIG, HYPERBAND_MAX_EPOCHS, MAX_CONSECUTIVE_FAILURES,
-                            OBJECTIVE, TRIALS_CSV, NVAEHyperModel, SearchSpaceError, TuningError,
-                            load_search_space, make_tuner, parse_search_space)
+from nvae_tf.run_dir import config_path
+from nvae_tf.training.tuning import (
+    BEST_CONFIG,
+    HYPERBAND_MAX_EPOCHS,
+    MAX_CONSECUTIVE_FAILURES,
+    OBJECTIVE,
+    TRIALS_CSV,
+    NVAEHyperModel,
+    SearchSpaceError,
+    TuningError,
+    load_search_space,
+    make_tuner,
+    parse_search_space,
+)
 from trainers import tune as tune_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(dataset="bundled_mnist", epochs=2, batch_size=8, warmup_epochs=0,
-            num_channels_enc=4, num_channels_dec=4, num_latent_scales=1, num_groups_per_scale=1,
-            num_preprocess_blocks=1, num_preprocess_cells=1, num_postprocess_blocks=1,
-            num_postprocess_cells=1, num_latent_per_group=4, use_se=False, max_skipped_steps=2)
+TINY = dict(
+    dataset="bundled_mnist",
+    epochs=2,
+    batch_size=8,
+    warmup_epochs=0,
+    num_channels_enc=4,
+    num_channels_dec=4,
+    num_latent_scales=1,
+    num_groups_per_scale=1,
+    num_preprocess_blocks=1,
+    num_preprocess_cells=1,
+    num_postprocess_blocks=1,
+    num_postprocess_cells=1,
+    num_latent_per_group=4,
+    use_se=False,
+    max_skipped_steps=2,
+)
 
 
 def read_csv(path):
@@ -50,10 +75,16 @@ def test_space_declares_keras_tuner_parameters():
     for p in params.values():
         p.declare(hp)
     kinds = {h.name: type(h).__name__ for h in hp.space}
-    assert kinds == {"learning_rate": "Float", "kl_anneal_portion": "Float",
-                     "num_groups_per_scale": "Int", "num_latent_per_group": "Int",
-                     "num_nf": "Choice", "weight_decay_norm_anneal": "Boolean",
-                     "use_se": "Fixed", "num_channels": "Choice"}
+    assert kinds == {
+        "learning_rate": "Float",
+        "kl_anneal_portion": "Float",
+        "num_groups_per_scale": "Int",
+        "num_latent_per_group": "Int",
+        "num_nf": "Choice",
+        "weight_decay_norm_anneal": "Boolean",
+        "use_se": "Fixed",
+        "num_channels": "Choice",
+    }
     by_name = {h.name: h for h in hp.space}
     assert by_name["learning_rate"].sampling == "log"
     assert by_name["learning_rate"].min_value == pytest.approx(1e-3)
@@ -70,27 +101,38 @@ def test_space_declares_keras_tuner_parameters():
     assert config.use_se is False and config.weight_decay_norm_anneal is False
 
 
-@pytest.mark.parametrize("space, message", [
-    ({}, "non-empty mapping"),
-    ([1, 2], "non-empty mapping"),
-    ({"learning_rat": {"choice": [1.0]}}, "unknown search space key(s) learning_rat; valid keys "
-                                          "are num_channels, num_cell_per_cond, dataset"),
-    ({"learning_rate": [1e-3, 1e-2]}, "'learning_rate': expected exactly one of"),
-    ({"learning_rate": {"choice": [1e-3], "range": [1e-3, 1e-2]}}, "expected exactly one of"),
-    ({"learning_rate": {"range": [1e-2, 1e-3]}}, "'learning_rate': range needs finite low < high"),
-    ({"learning_rate": {"range": [1e-3]}}, "range must be [low, high]"),
-    ({"learning_rate": {"log_range": [0.0, 1e-2]}}, "log_range needs low > 0"),
-    ({"learning_rate": {"log_range": [1e-3, 1e-2], "step": 2}}, "unexpected entry step"),
-    ({"num_nf": {"range": [0, 2], "sampling": "log"}}, "unexpected entry sampling"),
-    ({"num_nf": {"range": [0, 4], "step": 0}}, "step must be > 0"),
-    ({"num_nf": {"range": [0, 2.5]}}, "'num_nf': config key 'num_nf' must be int"),
-    ({"num_nf": {"choice": []}}, "choice must be a non-empty list"),
-    ({"num_nf": {"choice": [1, "two"]}}, "must be int, got str 'two'"),
-    ({"num_nf": {"choice": [1, 1]}}, "lists a value twice"),
-    ({"use_se": {"range": [0, 1]}}, "range needs a numeric field; use_se is bool (use choice)"),
-    ({"num_channels": {"choice": [8]}, "num_channels_dec": {"choice": [8]}},
-     "keys 'num_channels' and 'num_channels_dec' both set num_channels_dec"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({}, "non-empty mapping"),
+        ([1, 2], "non-empty mapping"),
+        (
+            {"learning_rat": {"choice": [1.0]}},
+            "unknown search space key(s) learning_rat; valid keys "
+            "are num_channels, num_cell_per_cond, dataset",
+        ),
+        ({"learning_rate": [1e-3, 1e-2]}, "'learning_rate': expected exactly one of"),
+        ({"learning_rate": {"choice": [1e-3], "range": [1e-3, 1e-2]}}, "expected exactly one of"),
+        (
+            {"learning_rate": {"range": [1e-2, 1e-3]}},
+            "'learning_rate': range needs finite low < high",
+        ),
+        ({"learning_rate": {"range": [1e-3]}}, "range must be [low, high]"),
+        ({"learning_rate": {"log_range": [0.0, 1e-2]}}, "log_range needs low > 0"),
+        ({"learning_rate": {"log_range": [1e-3, 1e-2], "step": 2}}, "unexpected entry step"),
+        ({"num_nf": {"range": [0, 2], "sampling": "log"}}, "unexpected entry sampling"),
+        ({"num_nf": {"range": [0, 4], "step": 0}}, "step must be > 0"),
+        ({"num_nf": {"range": [0, 2.5]}}, "'num_nf': config key 'num_nf' must be int"),
+        ({"num_nf": {"choice": []}}, "choice must be a non-empty list"),
+        ({"num_nf": {"choice": [1, "two"]}}, "must be int, got str 'two'"),
+        ({"num_nf": {"choice": [1, 1]}}, "lists a value twice"),
+        ({"use_se": {"range": [0, 1]}}, "range needs a numeric field; use_se is bool (use choice)"),
+        (
+            {"num_channels": {"choice": [8]}, "num_channels_dec": {"choice": [8]}},
+            "keys 'num_channels' and 'num_channels_dec' both set num_channels_dec",
+        ),
+    ],
+)
 def test_space_errors_are_one_line_and_name_the_key(space, message):
     with pytest.raises(SearchSpaceError) as info:
         parse_search_space(space)
@@ -111,16 +153,19 @@ def test_cli_reports_a_bad_space_in_one_line(tmp_path, capsys):
     base, space = tmp_path / "base.yaml", tmp_path / "space.yaml"
     base.write_text(yaml.safe_dump(TINY))
     space.write_text("num_chanels: {choice: [4, 8]}\n")
-    code = tune_cli.main(["--config", str(base), "--space", str(space), "--out",
-                          str(tmp_path / "out")])
+    code = tune_cli.main(
+        ["--config", str(base), "--space", str(space), "--out", str(tmp_path / "out")]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: unknown search space key(s) num_chanels") and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "out")
 
 
-SHIPPED_CONFIGS = sorted(set(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
-                         - {os.path.join(REPO, "configs", "search_space.yaml")})
+SHIPPED_CONFIGS = sorted(
+    set(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+    - {os.path.join(REPO, "configs", "search_space.yaml")}
+)
 
 
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=os.path.basename)
@@ -152,22 +197,34 @@ class FakeTraining:
 
     def __call__(self, config, run_dir, *, steps, resume):
         step_file = os.path.join(run_dir, "step")
-        start = int(open(step_file).read()) if resume else 0
-        self.calls.append({"run_dir": run_dir, "steps": steps, "resume": resume, "start": start,
-                           "lr": config.learning_rate})
+        start = int(pathlib.Path(step_file).read_text()) if resume else 0
+        self.calls.append(
+            {
+                "run_dir": run_dir,
+                "steps": steps,
+                "resume": resume,
+                "start": start,
+                "lr": config.learning_rate,
+            }
+        )
         os.makedirs(run_dir, exist_ok=True)
         config.to_yaml(config_path(run_dir))
         with open(step_file, "w") as f:
             f.write(str(steps))
-        return {"step": steps, "skipped_steps": 0, "test_nelbo": 1.0,
-                OBJECTIVE: self.objective(config)}
+        return {
+            "step": steps,
+            "skipped_steps": 0,
+            "test_nelbo": 1.0,
+            OBJECTIVE: self.objective(config),
+        }
 
 
 def fake_tuner(out, space, training, kind="random", max_trials=4, steps=10, **base):
     params = parse_search_space(space)
     hypermodel = NVAEHyperModel(NVAEConfig(**{**TINY, **base}), params, training)
-    return make_tuner(kind, hypermodel, str(out), max_trials=max_trials, steps_per_trial=steps,
-                      seed=1)
+    return make_tuner(
+        kind, hypermodel, str(out), max_trials=max_trials, steps_per_trial=steps, seed=1
+    )
 
 
 LR_SPACE = {"learning_rate": {"log_range": [1e-4, 1e-1]}}
@@ -191,7 +248,8 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path):
         lr, lr_min = float(row["learning_rate"]), float(row["learning_rate_min"])
         if lr_min > lr:
             assert row["status"] == "FAILED" and row["reason"].startswith(
-                "invalid config: learning_rate_min (1.0) must not exceed learning_rate")
+                "invalid config: learning_rate_min (1.0) must not exceed learning_rate"
+            )
         elif lr > 1e-2:
             assert row["status"] == "FAILED"
             assert row["reason"] == "diverged: the held-out negative ELBO is nan bits/dim"
@@ -201,15 +259,17 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path):
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
     assert statuses["FAILED"] >= 1 and statuses["COMPLETED"] >= 1
     # Invalid configs never reach training.
-    assert len(training.calls) == sum(float(r["learning_rate_min"]) <= float(r["learning_rate"])
-                                      for r in rows)
+    assert len(training.calls) == sum(
+        float(r["learning_rate_min"]) <= float(r["learning_rate"]) for r in rows
+    )
     # Best first: completed rows sorted by objective, then the failed ones.
     done = [float(r[OBJECTIVE]) for r in rows if r["status"] == "COMPLETED"]
     assert done == sorted(done) and rows[0]["status"] == "COMPLETED"
     best = NVAEConfig.from_yaml(tmp_path / BEST_CONFIG)
     assert best.learning_rate == pytest.approx(float(rows[0]["learning_rate"]))
-    assert best.replace(learning_rate=TINY.get("learning_rate", 1e-2),
-                        learning_rate_min=1e-4) == NVAEConfig(**TINY)
+    assert best.replace(
+        learning_rate=TINY.get("learning_rate", 1e-2), learning_rate_min=1e-4
+    ) == NVAEConfig(**TINY)
 
 
 def test_skipped_steps_fail_a_trial(tmp_path):
@@ -266,8 +326,7 @@ def test_consecutive_failures_stop_the_search_with_its_state_saved(tmp_path):
 def test_hyperband_budgets_and_promotions_continue_the_parent_run(tmp_path):
     training = FakeTraining()
     steps = 90
-    tuner = fake_tuner(tmp_path, LR_SPACE, training, kind="hyperband", max_trials=13,
-                       steps=steps)
+    tuner = fake_tuner(tmp_path, LR_SPACE, training, kind="hyperband", max_trials=13, steps=steps)
     tuner.search()
     assert len(training.calls) == 13  # --max-trials caps Hyperband too
     budgets = {steps // 9, steps // 3, steps}
@@ -277,12 +336,12 @@ def test_hyperband_budgets_and_promotions_continue_the_parent_run(tmp_path):
     assert promoted, "13 trials fill the first bracket (9 + 3 + 1)"
     for trial in promoted:
         values = trial.hyperparameters.values
-        call = next(c for c in training.calls
-                    if os.path.basename(c["run_dir"]) == trial.trial_id)
+        call = next(c for c in training.calls if os.path.basename(c["run_dir"]) == trial.trial_id)
         parent = trials[values["tuner/trial_id"]]
         assert call["resume"] is True
         assert call["start"] == math.ceil(
-            steps * parent.hyperparameters.values["tuner/epochs"] / HYPERBAND_MAX_EPOCHS)
+            steps * parent.hyperparameters.values["tuner/epochs"] / HYPERBAND_MAX_EPOCHS
+        )
         assert call["steps"] > call["start"]
         assert call["lr"] == parent.hyperparameters.values["learning_rate"]
 
@@ -304,11 +363,15 @@ def test_bayesian_search_or_a_clear_missing_dependency_error(tmp_path):
 def test_failure_reason_is_the_last_line_of_the_traceback():
     from nvae_tf.training.tuning import failure_reason
 
-    trace = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
-             "keras_tuner.src.errors.FailedTrialError: diverged: loss is nan\n")
+    trace = (
+        'Traceback (most recent call last):\n  File "x.py", line 1\n'
+        "keras_tuner.src.errors.FailedTrialError: diverged: loss is nan\n"
+    )
     assert failure_reason(trace) == "diverged: loss is nan"
-    assert failure_reason("Traceback...\n    ValueError: in user code:\n\n"
-                          "    ValueError: bad shape\n") == "ValueError: bad shape"
+    assert (
+        failure_reason("Traceback...\n    ValueError: in user code:\n\n    ValueError: bad shape\n")
+        == "ValueError: bad shape"
+    )
     assert failure_reason(None) == ""
 
 
@@ -321,8 +384,20 @@ def real_search(tmp_path_factory):
     base, space = root / "base.yaml", root / "space.yaml"
     base.write_text(yaml.safe_dump(TINY))
     space.write_text("learning_rate: {choice: [1.0e-3, 1.0e+6, 1.0e-5]}\n")
-    args = ["--config", str(base), "--space", str(space), "--out", str(root / "out"),
-            "--max-trials", "3", "--steps-per-trial", "3", "--verbose", "0"]
+    args = [
+        "--config",
+        str(base),
+        "--space",
+        str(space),
+        "--out",
+        str(root / "out"),
+        "--max-trials",
+        "3",
+        "--steps-per-trial",
+        "3",
+        "--verbose",
+        "0",
+    ]
     code = tune_cli.main(args)
     return root, args, code
 
@@ -352,8 +427,18 @@ def test_best_config_trains_with_nvae_train(real_search):
     root, _, _ = real_search
     best = NVAEConfig.from_yaml(root / "out" / BEST_CONFIG)
     assert best == NVAEConfig(**{**TINY, "learning_rate": 1e-3})
-    code = train_cli.main(["--config", str(root / "out" / BEST_CONFIG), "--out",
-                           str(root / "best_run"), "--steps", "1", "--verbose", "0"])
+    code = train_cli.main(
+        [
+            "--config",
+            str(root / "out" / BEST_CONFIG),
+            "--out",
+            str(root / "best_run"),
+            "--steps",
+            "1",
+            "--verbose",
+            "0",
+        ]
+    )
     assert code == 0
 
 
@@ -385,15 +470,43 @@ def test_search_under_mirrored_strategy_and_mixed_precision(tmp_path):
         "two = [tf.config.LogicalDeviceConfiguration()] * 2\n"
         "tf.config.set_logical_device_configuration(cpu, two)\n"
         "from trainers.tune import main\n"
-        "sys.exit(main(sys.argv[1:]))\n")
-    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3",
-           "CUDA_VISIBLE_DEVICES": ""}
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-c", script, "--config", str(base), "--space", str(space), "--out",
-         str(out), "--max-trials", "2", "--steps-per-trial", "2", "--strategy", "mirrored",
-         "--precision", "mixed_bfloat16", "--verbose", "2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-c",
+            script,
+            "--config",
+            str(base),
+            "--space",
+            str(space),
+            "--out",
+            str(out),
+            "--max-trials",
+            "2",
+            "--steps-per-trial",
+            "2",
+            "--strategy",
+            "mirrored",
+            "--precision",
+            "mixed_bfloat16",
+            "--verbose",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_csv(out / TRIALS_CSV)
     assert [r["status"] for r in rows] == ["COMPLETED"] * 2, [r["reason"] for r in rows]

@@ -6,6 +6,7 @@ folder RUN/checkpoints holding ``model`` and the built ``optimizer``. The models
 from conftest's ``tiny_config`` / ``colour_config`` (a colour run needs a ``data_dir``, e.g.
 from ``write_colour_folder``).
 """
+
 import os
 
 import numpy as np
@@ -40,8 +41,10 @@ class Run:
         optimizer = make_optimizer(config, steps_per_epoch=1)
         optimizer.build(self.model.trainable_variables)
         self.manager = tf.train.CheckpointManager(
-            tf.train.Checkpoint(model=self.model, optimizer=optimizer), checkpoint_dir(self.dir),
-            max_to_keep=3)
+            tf.train.Checkpoint(model=self.model, optimizer=optimizer),
+            checkpoint_dir(self.dir),
+            max_to_keep=3,
+        )
         self.save()
 
     def save(self):

@@ -1,4 +1,5 @@
 """Shared command-line plumbing: config loading, quiet TensorFlow, one-line user errors."""
+
 import argparse
 import functools
 import os
@@ -37,8 +38,14 @@ def entry_point(main):
 
 def add_config_args(parser):
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config field (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable)",
+    )
 
 
 def load_config(args):

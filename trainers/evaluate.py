@@ -7,6 +7,7 @@ Reports NLL and negative ELBO with standard errors in nats and bits/dim (MNIST o
 crop, D = 784), KL per latent group and the number of active latent channels (KL > 0.1).
 Batches are split over all GPUs when there are several (``--batch-size`` is per device).
 """
+
 import json
 import sys
 import time
@@ -27,8 +28,13 @@ class Progress:
         filled = int(self.width * min(done / max(self.total, 1), 1.0))
         rate = done / max(time.time() - self.start, 1e-9)
         end = "\n" if done >= self.total else ""
-        print(f"\r[{'=' * filled}{' ' * (self.width - filled)}] {done}/{self.total} images "
-              f"{rate:.1f} img/s", end=end, file=sys.stderr, flush=True)
+        print(
+            f"\r[{'=' * filled}{' ' * (self.width - filled)}] {done}/{self.total} images "
+            f"{rate:.1f} img/s",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _positive(name, value):
@@ -39,10 +45,10 @@ def _positive(name, value):
 def run(args):
     import tensorflow as tf
 
-    from nvae_tf.run_dir import latest_checkpoint, load_run_config, restore_model
     from nvae_tf.data import num_examples
-    from nvae_tf.training.distribute import make_strategy
     from nvae_tf.inference.evaluation import evaluate, evaluation_dataset
+    from nvae_tf.run_dir import latest_checkpoint, load_run_config, restore_model
+    from nvae_tf.training.distribute import make_strategy
 
     for name in ("num_iw_samples", "batch_size", "num_images", "max_images_per_pass"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
@@ -59,42 +65,73 @@ def run(args):
     total = num_examples(config, args.split)
     if args.num_images is not None:
         total = min(total, args.num_images)
-    result = evaluate(model, dataset, args.num_iw_samples,
-                      max_images_per_pass=args.max_images_per_pass, seed=seed,
-                      strategy=strategy, progress=Progress(total))
-    result.update({"checkpoint": checkpoint, "split": args.split, "dataset": config.dataset,
-                   "seed": seed})
+    result = evaluate(
+        model,
+        dataset,
+        args.num_iw_samples,
+        max_images_per_pass=args.max_images_per_pass,
+        seed=seed,
+        strategy=strategy,
+        progress=Progress(total),
+    )
+    result.update(
+        {"checkpoint": checkpoint, "split": args.split, "dataset": config.dataset, "seed": seed}
+    )
     return result
 
 
 def report(result):
     k, n = result["num_iw_samples"], result["num_images"]
-    print(f"{result['dataset']} {result['split']}: {n} images, K = {k} importance samples "
-          f"({result['checkpoint']})")
+    print(
+        f"{result['dataset']} {result['split']}: {n} images, K = {k} importance samples "
+        f"({result['checkpoint']})"
+    )
     for name, label in (("nll", "NLL  "), ("elbo", "NELBO")):
-        print(f"{label} {result[f'{name}_nats']:.3f} +- {result[f'{name}_nats_se']:.3f} nats"
-              f"   {result[f'{name}_bpd']:.4f} +- {result[f'{name}_bpd_se']:.4f} bits/dim")
+        print(
+            f"{label} {result[f'{name}_nats']:.3f} +- {result[f'{name}_nats_se']:.3f} nats"
+            f"   {result[f'{name}_bpd']:.4f} +- {result[f'{name}_bpd_se']:.4f} bits/dim"
+        )
     kl = ", ".join(f"{v:.2f}" for v in result["kl_per_group"])
     print(f"KL per group (nats, top first): {kl}")
-    print(f"active latent channels (KL > 0.1): {result['active_units']} of "
-          f"{result['num_latent_channels']}")
+    print(
+        f"active latent channels (KL > 0.1): {result['active_units']} of "
+        f"{result['num_latent_channels']}"
+    )
 
 
 @entry_point
 def main(argv=None):
     p = parser("Importance-weighted NLL / ELBO of a trained NVAE run.")
-    p.add_argument("--checkpoint", required=True, metavar="RUN",
-                   help="run directory written by nvae-train (its latest checkpoint is used)")
-    p.add_argument("--num-iw-samples", type=int, default=1000,
-                   help="importance samples K per image (default 1000, as the paper)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN",
+        help="run directory written by nvae-train (its latest checkpoint is used)",
+    )
+    p.add_argument(
+        "--num-iw-samples",
+        type=int,
+        default=1000,
+        help="importance samples K per image (default 1000, as the paper)",
+    )
     p.add_argument("--split", choices=("train", "test"), default="test")
-    p.add_argument("--batch-size", type=int, help="images per batch and device "
-                   "(default: the training batch size)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per batch and device (default: the training batch size)",
+    )
     p.add_argument("--num-images", type=int, help="evaluate only the first N images")
-    p.add_argument("--max-images-per-pass", type=int, default=256,
-                   help="bound on images per forward pass (K is drawn in chunks)")
-    p.add_argument("--seed", type=int, help="seed of posterior samples and data noise "
-                   "(default: the run's seed)")
+    p.add_argument(
+        "--max-images-per-pass",
+        type=int,
+        default=256,
+        help="bound on images per forward pass (K is drawn in chunks)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of posterior samples and data noise (default: the run's seed)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     args = p.parse_args(argv)
     result = run(args)

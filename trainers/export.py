@@ -6,6 +6,7 @@ The SavedModel has the signatures ``sample``, ``reconstruct``, ``encode`` and
 ``log_likelihood`` (see ``nvae_tf.inference.serving``) and loads with plain ``tf.saved_model.load``,
 without nvae_tf installed.
 """
+
 import os
 
 from trainers.cli import UserError, entry_point, parser
@@ -13,26 +14,37 @@ from trainers.cli import UserError, entry_point, parser
 
 @entry_point
 def main(argv=None):
-    p = parser("Export a trained NVAE run as a SavedModel (sample, reconstruct, encode, "
-               "log_likelihood).")
-    p.add_argument("--checkpoint", required=True, metavar="RUN",
-                   help="run directory written by nvae-train (its latest checkpoint is used)")
+    p = parser(
+        "Export a trained NVAE run as a SavedModel (sample, reconstruct, encode, log_likelihood)."
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN",
+        help="run directory written by nvae-train (its latest checkpoint is used)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="SavedModel folder to write")
-    p.add_argument("--max-images-per-pass", type=int, default=256,
-                   help="bound on images per forward pass of log_likelihood (default 256)")
+    p.add_argument(
+        "--max-images-per-pass",
+        type=int,
+        default=256,
+        help="bound on images per forward pass of log_likelihood (default 256)",
+    )
     args = p.parse_args(argv)
     if args.max_images_per_pass < 1:
         raise UserError(f"--max-images-per-pass must be >= 1, got {args.max_images_per_pass}")
     if os.path.exists(args.out) and os.listdir(args.out):
         raise UserError(f"{args.out} exists and is not empty; choose a new --out folder")
 
-    from nvae_tf.run_dir import latest_checkpoint, restore_model
     from nvae_tf.inference.serving import SIGNATURES, export
+    from nvae_tf.run_dir import latest_checkpoint, restore_model
 
     model = restore_model(args.checkpoint)
     export(model, args.out, args.max_images_per_pass)
-    print(f"exported {latest_checkpoint(args.checkpoint)} to {args.out} "
-          f"(signatures: {', '.join(SIGNATURES)})")
+    print(
+        f"exported {latest_checkpoint(args.checkpoint)} to {args.out} "
+        f"(signatures: {', '.join(SIGNATURES)})"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """``nvae-info``: print an NVAE config's layout and trainable parameter count (no data needed)."""
+
 import json
 
 from trainers.cli import add_config_args, entry_point, load_config, parser
@@ -35,8 +36,9 @@ def main(argv=None):
         return 0
     print(f"dataset            {info['dataset']}  image {'x'.join(map(str, info['image_shape']))}")
     print("scale (top first)  size    groups  channels")
-    for size, groups, channels in zip(info["latent_sizes"], info["groups_per_scale"],
-                                      info["channels_per_scale"]):
+    for size, groups, channels in zip(
+        info["latent_sizes"], info["groups_per_scale"], info["channels_per_scale"]
+    ):
         print(f"                   {size:>3}x{size:<3} {groups:>6}  {channels:>8}")
     print(f"latent groups      {info['num_groups']}")
     print(f"h shape (H,W,C)    {tuple(info['h_shape'])}")

@@ -10,6 +10,7 @@ the top K scales (paper Fig. 12); with ``--reconstruct`` pairs of rows (inputs, 
 reconstructions). ``--readjust-bn`` re-estimates the decoder batch-norm statistics at the
 temperature first and stores them under RUN/bn_readjusted/ for the next call.
 """
+
 import math
 import os
 import sys
@@ -32,16 +33,25 @@ def load_images(paths, config, seed):
         try:
             with Image.open(path) as image:
                 pixels = np.asarray(image.convert(mode), np.uint8).reshape(
-                    image.size[1], image.size[0], config.image_channels)
+                    image.size[1], image.size[0], config.image_channels
+                )
         except OSError as e:
             raise UserError(f"cannot read image {path}: {e}") from None
         if config.is_mnist and pixels.shape[:2] == (28, 28):
             pixels = preprocess.pad_mnist(pixels).numpy()
         if pixels.shape[:2] != (config.image_size, config.image_size):
-            raise UserError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}; this model takes "
-                            f"{config.image_size}x{config.image_size} images")
-        batch.append(preprocess.to_model_input(tf.constant(pixels), tf.constant(seed + index),
-                                               num_bits=config.num_x_bits, flip=False))
+            raise UserError(
+                f"{path} is {pixels.shape[1]}x{pixels.shape[0]}; this model takes "
+                f"{config.image_size}x{config.image_size} images"
+            )
+        batch.append(
+            preprocess.to_model_input(
+                tf.constant(pixels),
+                tf.constant(seed + index),
+                num_bits=config.num_x_bits,
+                flip=False,
+            )
+        )
     return tf.stack(batch)
 
 
@@ -50,15 +60,17 @@ def _interleave(originals, reconstructions, columns):
     n = len(originals)
     rows = math.ceil(n / columns)
     pad = [(0, rows * columns - n)] + [(0, 0)] * 3
-    grids = [np.pad(a, pad, constant_values=1.0).reshape(rows, columns, *a.shape[1:])
-             for a in (originals, reconstructions)]
+    grids = [
+        np.pad(a, pad, constant_values=1.0).reshape(rows, columns, *a.shape[1:])
+        for a in (originals, reconstructions)
+    ]
     return np.stack(grids, axis=1).reshape(2 * rows, columns, *originals.shape[1:])
 
 
 def run(args):
     from nvae_tf.inference import bn_readjust, sampling
-    from nvae_tf.run_dir import latest_checkpoint, load_run_config, restore_model
     from nvae_tf.inference.image_grid import save_grid
+    from nvae_tf.run_dir import latest_checkpoint, load_run_config, restore_model
 
     for name in ("temperature", "decoder_temperature"):
         value = getattr(args, name)
@@ -71,22 +83,36 @@ def run(args):
     config = load_run_config(args.checkpoint)
     for k in args.fix_top_scales:
         if not 0 <= k <= config.num_latent_scales:
-            raise UserError(f"--fix-top-scales takes 0..{config.num_latent_scales} for this "
-                            f"model, got {k}")
+            raise UserError(
+                f"--fix-top-scales takes 0..{config.num_latent_scales} for this model, got {k}"
+            )
     checkpoint = latest_checkpoint(args.checkpoint)
     images = load_images(args.reconstruct, config, args.seed) if args.reconstruct else None
     model = restore_model(args.checkpoint, config=config)
     if args.readjust_bn:
-        print(f"batch-norm statistics for temperature {args.temperature:g}: ", end="",
-              file=sys.stderr, flush=True)
+        print(
+            f"batch-norm statistics for temperature {args.temperature:g}: ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
-            reused = bn_readjust.load_or_readjust(model, args.checkpoint, args.temperature,
-                                                  checkpoint, args.bn_passes,
-                                                  args.bn_batch_size, args.seed)
+            reused = bn_readjust.load_or_readjust(
+                model,
+                args.checkpoint,
+                args.temperature,
+                checkpoint,
+                args.bn_passes,
+                args.bn_batch_size,
+                args.seed,
+            )
         except sampling.NonFiniteSamplesError as e:
             raise UserError(str(e)) from None
-        print(f"{'reused' if reused else 're-adjusted and stored'} "
-              f"({bn_readjust.store_path(args.checkpoint, args.temperature)})", file=sys.stderr)
+        print(
+            f"{'reused' if reused else 're-adjusted and stored'} "
+            f"({bn_readjust.store_path(args.checkpoint, args.temperature)})",
+            file=sys.stderr,
+        )
     out = args.out or os.path.join(args.checkpoint, "samples")
     os.makedirs(out, exist_ok=True)
     columns = args.columns or math.ceil(math.sqrt(args.num))
@@ -103,12 +129,19 @@ def run(args):
 
     try:
         tag = f"t{args.temperature:g}"
-        save(f"samples_{tag}", sampling.generate(model, args.num, args.temperature,
-                                                 seed=args.seed, **common), columns)
+        save(
+            f"samples_{tag}",
+            sampling.generate(model, args.num, args.temperature, seed=args.seed, **common),
+            columns,
+        )
         for k in args.fix_top_scales:
             rows = math.ceil(args.num / columns)
-            save(f"fixed_top{k}_{tag}", sampling.fixed_top_grid(
-                model, rows, columns, k, args.temperature, seed=args.seed, **common))
+            save(
+                f"fixed_top{k}_{tag}",
+                sampling.fixed_top_grid(
+                    model, rows, columns, k, args.temperature, seed=args.seed, **common
+                ),
+            )
         if images is not None:
             recon = sampling.reconstruct(model, images, seed=args.seed, **common)
             save("reconstructions", _interleave(images.numpy(), recon, columns))
@@ -122,30 +155,64 @@ def main(argv=None):
     from nvae_tf.inference.bn_readjust import DEFAULT_BATCH_SIZE, DEFAULT_PASSES
 
     p = parser("Sample, reconstruct and draw fixed-top-scale grids from a trained NVAE run.")
-    p.add_argument("--checkpoint", required=True, metavar="RUN",
-                   help="run directory written by nvae-train (its latest checkpoint is used)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN",
+        help="run directory written by nvae-train (its latest checkpoint is used)",
+    )
     p.add_argument("--num", type=int, default=64, help="images per grid (default 64)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="latent temperature: scales every group's prior sigma (default 1)")
-    p.add_argument("--decoder-temperature", type=float, default=1.0,
-                   help="colour decoder: scales the logistic noise (default 1)")
-    p.add_argument("--mean", action="store_true",
-                   help="colour decoder: show mixture means instead of samples")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="latent temperature: scales every group's prior sigma (default 1)",
+    )
+    p.add_argument(
+        "--decoder-temperature",
+        type=float,
+        default=1.0,
+        help="colour decoder: scales the logistic noise (default 1)",
+    )
+    p.add_argument(
+        "--mean", action="store_true", help="colour decoder: show mixture means instead of samples"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--out", help="output folder (default RUN/samples)")
     p.add_argument("--npy", action="store_true", help="also save each grid's images as .npy")
     p.add_argument("--columns", type=int, help="grid width (default ceil(sqrt(num)))")
-    p.add_argument("--readjust-bn", action="store_true",
-                   help="re-estimate decoder BN statistics at the temperature (stored for reuse)")
-    p.add_argument("--bn-passes", type=int, default=DEFAULT_PASSES,
-                   help=f"BN re-adjustment sampling passes (default {DEFAULT_PASSES}, as the "
-                   "original)")
-    p.add_argument("--bn-batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help=f"samples per BN re-adjustment pass (default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--fix-top-scales", type=int, nargs="+", default=[], metavar="K",
-                   help="also draw grids whose rows share the z of the top K scales")
-    p.add_argument("--reconstruct", nargs="+", default=[], metavar="IMAGE",
-                   help="also reconstruct these image files (PNG/JPEG)")
+    p.add_argument(
+        "--readjust-bn",
+        action="store_true",
+        help="re-estimate decoder BN statistics at the temperature (stored for reuse)",
+    )
+    p.add_argument(
+        "--bn-passes",
+        type=int,
+        default=DEFAULT_PASSES,
+        help=f"BN re-adjustment sampling passes (default {DEFAULT_PASSES}, as the original)",
+    )
+    p.add_argument(
+        "--bn-batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"samples per BN re-adjustment pass (default {DEFAULT_BATCH_SIZE})",
+    )
+    p.add_argument(
+        "--fix-top-scales",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="K",
+        help="also draw grids whose rows share the z of the top K scales",
+    )
+    p.add_argument(
+        "--reconstruct",
+        nargs="+",
+        default=[],
+        metavar="IMAGE",
+        help="also reconstruct these image files (PNG/JPEG)",
+    )
     args = p.parse_args(argv)
     for path in run(args):
         print(path)

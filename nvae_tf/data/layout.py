@@ -5,6 +5,7 @@ GLOW TFRecord layout), or it is one flat collection and every ``1/test_fraction`
 sorted order is held out for testing: exact counts (70,000 FFHQ images at 0.1 -> 63,000 / 7,000,
 like the paper's split) with no stored permutation, and it works on streams of unknown length.
 """
+
 import os
 
 TRAIN_DIRS = ("train",)

@@ -17,7 +17,7 @@ from nvae_tf.data.source import AUTOTUNE, from_array
 SPLITS = ("train", "test")
 HOW_TO_GET = {
     "celebahq256": " (CelebA-HQ 256: GLOW's celeba-tfr train/ and validation/ folders, whose -r08- files "
-                   "hold 256x256 images, or 27,000 / 3,000 PNGs)",
+    "hold 256x256 images, or 27,000 / 3,000 PNGs)",
     "ffhq256": " (FFHQ 256: the 70,000 FFHQ images resized to 256x256 PNGs, or StyleGAN's ffhq-r08.tfrecords)",
 }
 
@@ -47,7 +47,9 @@ def _source(config, split, input_context, *, shuffle, seed):
     if tfds_sources.is_tfds(config.dataset):
         return tfds_sources.tfds_source(config, split, input_context, shuffle=shuffle, seed=seed)
     if _local_kind(config) == "tfrecord":
-        return tfrecord.tfrecord_source(config, split, input_context, shuffle=shuffle, seed=seed, hint=hint)
+        return tfrecord.tfrecord_source(
+            config, split, input_context, shuffle=shuffle, seed=seed, hint=hint
+        )
     return folder.folder_source(config, split, input_context, hint=hint)
 
 
@@ -78,11 +80,19 @@ def _batch_size(config, global_batch_size, input_context):
 def _noise_seed(seed, split, input_context):
     """Distinct, reproducible noise streams per split and worker."""
     worker = input_context.input_pipeline_id if input_context is not None else 0
-    return (seed * 1_000_003 + worker * 2 + (split != "train")) % 2 ** 63
+    return (seed * 1_000_003 + worker * 2 + (split != "train")) % 2**63
 
 
-def load_dataset(config, split, *, global_batch_size=None, shuffle=None, repeat=None, seed=None,
-                 input_context=None):
+def load_dataset(
+    config,
+    split,
+    *,
+    global_batch_size=None,
+    shuffle=None,
+    repeat=None,
+    seed=None,
+    input_context=None,
+):
     """Float32 NHWC batches in [0, 1] of ``split`` ("train" or "test") of ``config.dataset``.
 
     Defaults: train shuffles, repeats forever, flips (colour sets, ``random_flip``) and drops the
@@ -102,14 +112,20 @@ def load_dataset(config, split, *, global_batch_size=None, shuffle=None, repeat=
     source = _source(config, split, input_context, shuffle=shuffle, seed=seed)
     ds = source.elements
     if shuffle:
-        ds = ds.shuffle(source.size or config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(
+            source.size or config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True
+        )
     if repeat:
         ds = ds.repeat()
-    noise = tf.data.Dataset.random(seed=_noise_seed(seed, split, input_context), rerandomize_each_iteration=True)
+    noise = tf.data.Dataset.random(
+        seed=_noise_seed(seed, split, input_context), rerandomize_each_iteration=True
+    )
     ds = source.decode(tf.data.Dataset.zip(ds, noise))
     flip = train and config.random_flip and not config.is_mnist
-    ds = ds.map(lambda image, s: preprocess.to_model_input(image, s, num_bits=config.num_x_bits, flip=flip),
-                num_parallel_calls=AUTOTUNE)
+    ds = ds.map(
+        lambda image, s: preprocess.to_model_input(image, s, num_bits=config.num_x_bits, flip=flip),
+        num_parallel_calls=AUTOTUNE,
+    )
     ds = ds.batch(batch_size, drop_remainder=train).prefetch(AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = config.deterministic_data

@@ -4,6 +4,7 @@ Images stay uint8 until the last step so that quantization is exact integer arit
 random steps (flip, dynamic binarization) are stateless ops keyed by a per-element seed, so a
 pipeline is reproducible from its seed and position yet draws fresh noise on every read.
 """
+
 import tensorflow as tf
 
 
@@ -17,6 +18,7 @@ def resize_to(image, size):
 
     Rounds back to uint8 as PIL does; images already at that size pass through untouched.
     """
+
     def resize():
         out = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
         return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
@@ -39,7 +41,7 @@ def quantize(image, num_bits):
     the integer form avoids float rounding. 8 bits is plain ``u / 255``.
     """
     levels = tf.bitwise.right_shift(tf.cast(image, tf.int32), 8 - num_bits)
-    return tf.cast(levels, tf.float32) / float(2 ** num_bits - 1)
+    return tf.cast(levels, tf.float32) / float(2**num_bits - 1)
 
 
 def binarize(image, seed):

@@ -4,8 +4,9 @@ Raw elements are cheap (indices, file paths, serialized records, encoded bytes),
 and iterator checkpoints hold those rather than decoded images; ``decode`` turns a dataset of
 ``(raw, seed)`` into ``(uint8 HWC image, seed)`` and may drop elements (skipped bad files).
 """
+
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -16,7 +17,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 class Source:
     elements: tf.data.Dataset  # raw elements of this worker's shard, in a fixed order
     decode: Callable[[tf.data.Dataset], tf.data.Dataset]  # (raw, seed) -> (uint8 image, seed)
-    size: Optional[int] = None  # elements in the shard when known cheaply: shuffle them all
+    size: int | None = None  # elements in the shard when known cheaply: shuffle them all
 
 
 def shard(ds, input_context):
@@ -46,6 +47,9 @@ def from_array(images, input_context, transform=None):
         def one(index, seed):
             image = tf.gather(images, index)
             return (transform(image) if transform else image), seed
+
         return ds.map(one, num_parallel_calls=AUTOTUNE)
 
-    return Source(shard(tf.data.Dataset.range(n), input_context), decode, shard_size(n, input_context))
+    return Source(
+        shard(tf.data.Dataset.range(n), input_context), decode, shard_size(n, input_context)
+    )

@@ -8,6 +8,7 @@ records held out); names with a ``-rNN`` resolution tag (GLOW, StyleGAN) keep on
 ``image_size``. Records of the wrong size or channel count stop the pipeline with the file and
 record index in the message, or are skipped (one log line each) with ``skip_bad_files``.
 """
+
 import functools
 import os
 import re
@@ -25,8 +26,11 @@ RESOLUTION_TAG = re.compile(r"-r(\d\d)(?=[.-])")
 def _tfrecord_files(folder, image_size):
     if not os.path.isdir(folder):
         return []
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                   if ".tfrecord" in f and not f.startswith(".") and os.path.isfile(os.path.join(folder, f)))
+    files = sorted(
+        os.path.join(folder, f)
+        for f in os.listdir(folder)
+        if ".tfrecord" in f and not f.startswith(".") and os.path.isfile(os.path.join(folder, f))
+    )
     tagged = [(f, RESOLUTION_TAG.search(os.path.basename(f))) for f in files]
     if any(tag for _, tag in tagged):
         files = [f for f, tag in tagged if tag and 2 ** int(tag.group(1)) == image_size]
@@ -54,17 +58,21 @@ def _files(config, split, hint):
         raise DataError(
             f"dataset {config.dataset}: no {split} TFRecord files for {config.image_size}x{config.image_size} "
             f"images under {where}; expected train/*.tfrecord* and test/ (or validation/) *.tfrecord* files, "
-            f"or flat *.tfrecord* files ({config.test_fraction:g} held out){hint}; see docs/datasets.md")
+            f"or flat *.tfrecord* files ({config.test_fraction:g} held out){hint}; see docs/datasets.md"
+        )
     return files, flat
 
 
 def _parse(record, size, channels):
     """Serialized example -> ``(uint8 [size, size, channels] image, ok, decoded shape)``."""
-    features = tf.io.parse_single_example(record, {
-        "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
-        "data": tf.io.FixedLenFeature([], tf.string, default_value=""),
-        "shape": tf.io.FixedLenFeature([3], tf.int64, default_value=[0, 0, 0]),
-    })
+    features = tf.io.parse_single_example(
+        record,
+        {
+            "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
+            "data": tf.io.FixedLenFeature([], tf.string, default_value=""),
+            "shape": tf.io.FixedLenFeature([3], tf.int64, default_value=[0, 0, 0]),
+        },
+    )
     want = tf.constant([size, size, channels], tf.int64)
     blank = tf.zeros([size, size, channels], tf.uint8)
 
@@ -80,9 +88,13 @@ def _parse(record, size, channels):
         sized = tf.equal(tf.size(pixels, out_type=tf.int64), size * size * channels)
         hwc = tf.logical_and(sized, tf.reduce_all(tf.equal(shape, want)))
         chw = tf.logical_and(sized, tf.reduce_all(tf.equal(shape, [channels, size, size])))
-        image = tf.case([(hwc, lambda: tf.reshape(pixels, want)),
-                         (chw, lambda: tf.transpose(tf.reshape(pixels, [channels, size, size]), [1, 2, 0]))],
-                        default=lambda: blank)
+        image = tf.case(
+            [
+                (hwc, lambda: tf.reshape(pixels, want)),
+                (chw, lambda: tf.transpose(tf.reshape(pixels, [channels, size, size]), [1, 2, 0])),
+            ],
+            default=lambda: blank,
+        )
         return image, tf.logical_or(hwc, chw), shape
 
     return tf.cond(tf.strings.length(features["image"]) > 0, encoded, raw)
@@ -103,10 +115,14 @@ def tfrecord_source(config, split, input_context, *, shuffle, seed, hint=""):
     def records(name):
         ds = tf.data.TFRecordDataset(name).enumerate()
         if flat:
-            ds = ds.filter(lambda i, _: tf.equal(layout.held_out(tf.cast(i, tf.float64), fraction), test))
+            ds = ds.filter(
+                lambda i, _: tf.equal(layout.held_out(tf.cast(i, tf.float64), fraction), test)
+            )
         return ds.map(lambda i, record: (name, i, record))
 
-    elements = names.interleave(records, cycle_length=min(len(files), 16), num_parallel_calls=AUTOTUNE)
+    elements = names.interleave(
+        records, cycle_length=min(len(files), 16), num_parallel_calls=AUTOTUNE
+    )
     if not by_file:
         elements = shard(elements, input_context)
     message = f"expected {size}x{size}x{channels}; set skip_bad_files: true to skip bad records"
@@ -116,14 +132,20 @@ def tfrecord_source(config, split, input_context, *, shuffle, seed, hint=""):
             name, index, record = element
             image, ok, shape = _parse(record, size, channels)
             if not config.skip_bad_files:
-                check = tf.debugging.Assert(ok, ["bad record", index, "of", name, "with shape", shape, message])
+                check = tf.debugging.Assert(
+                    ok, ["bad record", index, "of", name, "with shape", shape, message]
+                )
                 with tf.control_dependencies([check]):
                     image = tf.identity(image)
             else:
+
                 def report():
-                    printed = tf.print("nvae-tf: skipping bad record", index, "of", name, "with shape", shape)
+                    printed = tf.print(
+                        "nvae-tf: skipping bad record", index, "of", name, "with shape", shape
+                    )
                     with tf.control_dependencies([printed]):
                         return tf.identity(ok)
+
                 ok = tf.cond(ok, lambda: ok, report)
             return image, s, ok
 
@@ -159,6 +181,11 @@ def write_tfrecords(images, path):
     with tf.io.TFRecordWriter(path) as writer:
         for image in images:
             encoded = tf.io.encode_png(np.asarray(image, np.uint8)).numpy()
-            example = tf.train.Example(features=tf.train.Features(feature={
-                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}))
+            example = tf.train.Example(
+                features=tf.train.Features(
+                    feature={
+                        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))
+                    }
+                )
+            )
             writer.write(example.SerializeToString())

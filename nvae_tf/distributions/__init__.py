@@ -1,10 +1,12 @@
 """Output and latent distributions of NVAE (spec section 3)."""
 
 from nvae_tf.distributions.bernoulli import CroppedBernoulli
-from nvae_tf.distributions.latent_normal import latent_normal
-from nvae_tf.distributions.latent_normal import residual_normal
-from nvae_tf.distributions.latent_normal import soft_clamp
-from nvae_tf.distributions.latent_normal import top_prior
+from nvae_tf.distributions.latent_normal import (
+    latent_normal,
+    residual_normal,
+    soft_clamp,
+    top_prior,
+)
 from nvae_tf.distributions.logistic_mixture import DiscretizedLogisticMixture
 
 __all__ = [

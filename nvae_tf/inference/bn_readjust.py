@@ -14,6 +14,7 @@ Re-adjusting is slow, so the result is stored next to the checkpoint::
 and reused by the next call at the same temperature; a newer checkpoint (or other passes /
 batch size) makes it stale and it is recomputed.
 """
+
 import json
 import logging
 import os
@@ -22,8 +23,8 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
-from nvae_tf.layers.normalization import BatchNorm
 from nvae_tf.inference.sampling import NonFiniteSamplesError
+from nvae_tf.layers.normalization import BatchNorm
 
 DEFAULT_PASSES = 500
 DEFAULT_BATCH_SIZE = 16
@@ -42,8 +43,9 @@ def decoder_batchnorm_layers(model):
     return layers
 
 
-def readjust_batchnorm(model, temperature, num_passes=DEFAULT_PASSES,
-                       batch_size=DEFAULT_BATCH_SIZE, seed=0):
+def readjust_batchnorm(
+    model, temperature, num_passes=DEFAULT_PASSES, batch_size=DEFAULT_BATCH_SIZE, seed=0
+):
     """Update the decoder BN moving statistics in place from prior samples at ``temperature``.
 
     Raises NonFiniteSamplesError (and restores the old statistics) if they become NaN or Inf.
@@ -51,11 +53,13 @@ def readjust_batchnorm(model, temperature, num_passes=DEFAULT_PASSES,
     if not (np.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature}")
     if num_passes < 1 or batch_size < 1:
-        raise ValueError(f"BN re-adjustment needs at least one pass of one sample, got "
-                         f"{num_passes} passes of {batch_size}")
+        raise ValueError(
+            f"BN re-adjustment needs at least one pass of one sample, got "
+            f"{num_passes} passes of {batch_size}"
+        )
     variables = _moving_stats(model)
     before = [v.numpy() for v in variables]
-    base = model._seed(seed)  # pylint: disable=protected-access
+    base = model.stateless_seed(seed)
 
     @tf.function
     def one_pass(index):
@@ -70,32 +74,49 @@ def readjust_batchnorm(model, temperature, num_passes=DEFAULT_PASSES,
         raise NonFiniteSamplesError(
             f"batch-norm re-adjustment at temperature {temperature:g} produced NaN/Inf "
             "statistics (original NVAE issue #36); sample without re-adjustment or at another "
-            "temperature")
+            "temperature"
+        )
 
 
 def store_path(run_dir, temperature):
     return os.path.join(run_dir, STORE_DIR, f"t{temperature:g}")
 
 
-def load_or_readjust(model, run_dir, temperature, checkpoint, num_passes=DEFAULT_PASSES,
-                     batch_size=DEFAULT_BATCH_SIZE, seed=0):
+def load_or_readjust(
+    model,
+    run_dir,
+    temperature,
+    checkpoint,
+    num_passes=DEFAULT_PASSES,
+    batch_size=DEFAULT_BATCH_SIZE,
+    seed=0,
+):
     """Give ``model`` re-adjusted BN statistics for ``temperature``: stored ones if they
     belong to ``checkpoint`` (the path the model was restored from) and were made with the
     same passes and batch size, otherwise recomputed and stored. Returns True if reused.
     """
     path = store_path(run_dir, temperature)
-    state = {"checkpoint": os.path.basename(checkpoint),
-             "checkpoint_mtime_ns": os.stat(checkpoint + ".index").st_mtime_ns,
-             "temperature": float(temperature), "num_passes": int(num_passes),
-             "batch_size": int(batch_size),
-             "layers": [layer.path.split("/", 1)[-1]  # without the model's instance name
-                        for layer in decoder_batchnorm_layers(model)]}
+    state = {
+        "checkpoint": os.path.basename(checkpoint),
+        "checkpoint_mtime_ns": os.stat(checkpoint + ".index").st_mtime_ns,
+        "temperature": float(temperature),
+        "num_passes": int(num_passes),
+        "batch_size": int(batch_size),
+        "layers": [
+            layer.path.split("/", 1)[-1]  # without the model's instance name
+            for layer in decoder_batchnorm_layers(model)
+        ],
+    }
     if _stored_state(path) == state:
         _stats_checkpoint(model).read(os.path.join(path, STATS_PREFIX)).assert_consumed()
         log.info("reusing re-adjusted BN statistics from %s", path)
         return True
-    log.info("re-adjusting BN statistics at temperature %g (%d passes of %d samples)",
-             temperature, num_passes, batch_size)
+    log.info(
+        "re-adjusting BN statistics at temperature %g (%d passes of %d samples)",
+        temperature,
+        num_passes,
+        batch_size,
+    )
     readjust_batchnorm(model, temperature, num_passes, batch_size, seed)
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
@@ -107,8 +128,11 @@ def load_or_readjust(model, run_dir, temperature, checkpoint, num_passes=DEFAULT
 
 
 def _moving_stats(model):
-    return [v for layer in decoder_batchnorm_layers(model)
-            for v in (layer.moving_mean, layer.moving_variance)]
+    return [
+        v
+        for layer in decoder_batchnorm_layers(model)
+        for v in (layer.moving_mean, layer.moving_variance)
+    ]
 
 
 def _stats_checkpoint(model):

@@ -7,6 +7,7 @@ Every batch runs one compiled step: K posterior samples per image in chunks
 are gathered. Results are means over images with standard errors over images; ``elbo_*`` are
 the negative ELBO, the upper bound on ``nll_*`` that bpd tables report.
 """
+
 import numpy as np
 import tensorflow as tf
 
@@ -22,15 +23,24 @@ def evaluation_dataset(config, split, batch_size, seed, num_images=None):
     """
     from nvae_tf.data import load_dataset
 
-    dataset = load_dataset(config, split, global_batch_size=batch_size, shuffle=False,
-                           repeat=False, seed=seed)
+    dataset = load_dataset(
+        config, split, global_batch_size=batch_size, shuffle=False, repeat=False, seed=seed
+    )
     if num_images is not None:
         dataset = dataset.unbatch().take(num_images).batch(batch_size)
     return dataset
 
 
-def evaluate(model, dataset, num_samples=1000, *, max_images_per_pass=256, seed=0,
-             strategy=None, progress=None):
+def evaluate(
+    model,
+    dataset,
+    num_samples=1000,
+    *,
+    max_images_per_pass=256,
+    seed=0,
+    strategy=None,
+    progress=None,
+):
     """Evaluate ``model`` on every image of ``dataset`` (batches of images in [0, 1]).
 
     ``num_samples`` is K, drawn ``max(1, max_images_per_pass // batch)`` at a time per
@@ -49,14 +59,20 @@ def evaluate(model, dataset, num_samples=1000, *, max_images_per_pass=256, seed=
         for name, value in zip(("log_likelihood", "elbo", "kl"), outputs[:3]):
             parts[name] += [v.numpy() for v in strategy.experimental_local_results(value)]
         kl_channel_sum += sum(v.numpy() for v in strategy.experimental_local_results(outputs[3]))
-        done += sum(len(v) for v in parts["elbo"][-strategy.num_replicas_in_sync:])
+        done += sum(len(v) for v in parts["elbo"][-strategy.num_replicas_in_sync :])
         if progress is not None:
             progress(done)
     if done == 0:
         raise ValueError("the evaluation dataset is empty")
     values = {name: np.concatenate(v) for name, v in parts.items()}
-    return summarize(values["log_likelihood"], values["elbo"], values["kl"],
-                     kl_channel_sum / done, num_samples, model.config.num_output_dims)
+    return summarize(
+        values["log_likelihood"],
+        values["elbo"],
+        values["kl"],
+        kl_channel_sum / done,
+        num_samples,
+        model.config.num_output_dims,
+    )
 
 
 def _make_step(model, strategy, num_samples, max_images_per_pass):
@@ -66,10 +82,13 @@ def _make_step(model, strategy, num_samples, max_images_per_pass):
             x = x[0] if isinstance(x, (tuple, list)) else x
             replica = tf.distribute.get_replica_context().replica_id_in_sync_group
             replica_seed = tf.random.experimental.stateless_fold_in(seed, replica)
-            iw_seed, kl_seed = (tf.cast(tf.random.experimental.stateless_fold_in(
-                replica_seed, i), tf.int64) for i in (0, 1))
-            log_likelihood, elbo = importance_weighted(model, x, num_samples,
-                                                       max_images_per_pass, iw_seed)
+            iw_seed, kl_seed = (
+                tf.cast(tf.random.experimental.stateless_fold_in(replica_seed, i), tf.int64)
+                for i in (0, 1)
+            )
+            log_likelihood, elbo = importance_weighted(
+                model, x, num_samples, max_images_per_pass, iw_seed
+            )
             out = model(x, training=False, seed=kl_seed)
             n = tf.cast(tf.shape(x)[0], tf.float32)
             # kl_per_channel is a batch mean (NaN for an empty replica batch): make it a sum.
@@ -95,13 +114,15 @@ def summarize(log_likelihood, elbo, kl, kl_per_channel, num_samples, num_dims):
         result[f"{name}_bpd"] = bits_per_dim(mean, num_dims)
         result[f"{name}_bpd_se"] = bits_per_dim(se, num_dims)
     active = np.asarray(kl_per_channel) > ACTIVE_KL_THRESHOLD
-    result.update({
-        "num_iw_samples": int(num_samples),
-        "num_images": len(elbo),
-        "num_output_dims": int(num_dims),
-        "kl_per_group": [float(v) for v in np.mean(kl, axis=0)],
-        "active_units": int(active.sum()),
-        "active_units_per_group": [int(v) for v in active.sum(axis=1)],
-        "num_latent_channels": int(active.size),
-    })
+    result.update(
+        {
+            "num_iw_samples": int(num_samples),
+            "num_images": len(elbo),
+            "num_output_dims": int(num_dims),
+            "kl_per_group": [float(v) for v in np.mean(kl, axis=0)],
+            "active_units": int(active.sum()),
+            "active_units_per_group": [int(v) for v in active.sum(axis=1)],
+            "num_latent_channels": int(active.size),
+        }
+    )
     return result

@@ -1,4 +1,5 @@
 """Image batches as one PNG grid (pillow), the way sample and reconstruction grids are shown."""
+
 import math
 
 import numpy as np
@@ -19,18 +20,20 @@ def grid(images, columns=None, padding=PADDING):
         columns = images.shape[1]
         images = images.reshape(-1, *images.shape[2:])
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) == 0:
-        raise ValueError(f"expected a non-empty (N, H, W, 1 or 3) image batch, got shape "
-                         f"{images.shape}")
+        raise ValueError(
+            f"expected a non-empty (N, H, W, 1 or 3) image batch, got shape {images.shape}"
+        )
     n, h, w, c = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     pixels = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
-    out = np.full((rows * (h + padding) + padding, columns * (w + padding) + padding, c),
-                  BACKGROUND, np.uint8)
+    out = np.full(
+        (rows * (h + padding) + padding, columns * (w + padding) + padding, c), BACKGROUND, np.uint8
+    )
     for i in range(n):
         top = padding + (i // columns) * (h + padding)
         left = padding + (i % columns) * (w + padding)
-        out[top:top + h, left:left + w] = pixels[i]
+        out[top : top + h, left : left + w] = pixels[i]
     return out
 
 

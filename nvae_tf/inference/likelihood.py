@@ -8,6 +8,7 @@ The estimator itself (``iw_estimate``) only sees a callable that returns log-wei
 terms for a number of samples, so any latent-variable model with a known marginal likelihood
 can be pushed through the very same code (tests/test_evaluation.py uses a linear-Gaussian one).
 """
+
 import math
 
 import numpy as np
@@ -33,13 +34,21 @@ def iw_estimate(sample_fn, num_samples, samples_per_pass, seed):
         valid = (i * chunk + tf.range(chunk)) < k_total  # the last chunk may overshoot K
         log_w = tf.where(valid[:, None], log_w, -math.inf)
         elbo = tf.where(valid[:, None], elbo, 0.0)
-        return (i + 1, chunk_lse.write(i, tf.reduce_logsumexp(log_w, axis=0)),
-                chunk_elbo.write(i, tf.reduce_sum(elbo, axis=0)))
+        return (
+            i + 1,
+            chunk_lse.write(i, tf.reduce_logsumexp(log_w, axis=0)),
+            chunk_elbo.write(i, tf.reduce_sum(elbo, axis=0)),
+        )
 
     _, chunk_lse, chunk_elbo = tf.while_loop(
-        lambda i, *_: i < num_chunks, body,
-        (tf.constant(0), tf.TensorArray(tf.float32, size=num_chunks),
-         tf.TensorArray(tf.float32, size=num_chunks)))
+        lambda i, *_: i < num_chunks,
+        body,
+        (
+            tf.constant(0),
+            tf.TensorArray(tf.float32, size=num_chunks),
+            tf.TensorArray(tf.float32, size=num_chunks),
+        ),
+    )
     k = tf.cast(k_total, tf.float32)
     log_likelihood = tf.reduce_logsumexp(chunk_lse.stack(), axis=0) - tf.math.log(k)
     return log_likelihood, tf.reduce_sum(chunk_elbo.stack(), axis=0) / k
@@ -55,7 +64,7 @@ def importance_weighted(model, x, num_samples, max_images_per_pass=256, seed=Non
     """
     x = model.check_images(x)
     batch = tf.shape(x)[0]
-    seed = model._seed(seed)  # pylint: disable=protected-access
+    seed = model.stateless_seed(seed)
 
     def sample_fn(n, chunk_seed):
         tiled = tf.tile(x, [n, 1, 1, 1])

@@ -5,6 +5,7 @@ Latent ``temperature`` scales every group's prior sigma, the top prior's 1.01 in
 divides by T, spec 3.4). Pixels are Bernoulli means for binary data and, for colour images,
 decoder samples or, with ``mean=True``, the mixture mean; as in the original's sampling code.
 """
+
 import numpy as np
 import tensorflow as tf
 
@@ -26,14 +27,13 @@ def _fold(seed, index):
     return tf.cast(tf.random.experimental.stateless_fold_in(seed, index), tf.int64)
 
 
-def generate(model, num_samples, temperature=1.0, decoder_temperature=1.0, mean=False,
-             seed=None):
+def generate(model, num_samples, temperature=1.0, decoder_temperature=1.0, mean=False, seed=None):
     """``num_samples`` images from the prior, (N, H, W, C) in [0, 1].
 
     With ``mean=False`` this equals ``model.sample(...)`` for the same seed.
     """
     _check_temperatures(temperature, decoder_temperature)
-    seed = model._seed(seed)  # pylint: disable=protected-access
+    seed = model.stateless_seed(seed)
     decoder = model.prior_decoder(num_samples, temperature, decoder_temperature, seed=seed)
     return check_finite(decoder_images(decoder, mean, _fold(seed, -1)), "samples")
 
@@ -41,7 +41,7 @@ def generate(model, num_samples, temperature=1.0, decoder_temperature=1.0, mean=
 def reconstruct(model, images, decoder_temperature=1.0, mean=False, seed=None):
     """Decode one posterior sample of each image; equals ``model.reconstruct`` by default."""
     _check_temperatures(1.0, decoder_temperature)
-    seed = model._seed(seed)  # pylint: disable=protected-access
+    seed = model.stateless_seed(seed)
     logits = model(images, training=False, seed=seed)["logits"]
     decoder = model.decoder_distribution(logits, decoder_temperature)
     return check_finite(decoder_images(decoder, mean, _fold(seed, -1)), "reconstructions")
@@ -50,26 +50,41 @@ def reconstruct(model, images, decoder_temperature=1.0, mean=False, seed=None):
 def num_groups_in_top_scales(config, num_scales):
     """Latent groups in the ``num_scales`` lowest-resolution scales."""
     if not 0 <= num_scales <= config.num_latent_scales:
-        raise ValueError(f"the number of fixed scales must be between 0 and "
-                         f"{config.num_latent_scales} for this model, got {num_scales}")
+        raise ValueError(
+            f"the number of fixed scales must be between 0 and "
+            f"{config.num_latent_scales} for this model, got {num_scales}"
+        )
     return sum(config.groups_per_scale[:num_scales])
 
 
-def fixed_top_grid(model, num_rows, num_columns, num_fixed_scales, temperature=1.0,
-                   decoder_temperature=1.0, mean=False, seed=0):
+def fixed_top_grid(
+    model,
+    num_rows,
+    num_columns,
+    num_fixed_scales,
+    temperature=1.0,
+    decoder_temperature=1.0,
+    mean=False,
+    seed=0,
+):
     """Paper Fig. 12: each row keeps the z of the top ``num_fixed_scales`` scales, the
     remaining groups are resampled in every column. Returns (rows, columns, H, W, C).
     """
     _check_temperatures(temperature, decoder_temperature)
     fixed = num_groups_in_top_scales(model.config, num_fixed_scales)
-    seed = model._seed(seed)  # pylint: disable=protected-access
+    seed = model.stateless_seed(seed)
     fixed_seed = _fold(seed, -2)
 
     @tf.function
     def column(column_seed):
-        decoder = model.prior_decoder(num_rows, temperature, decoder_temperature,
-                                      seed=column_seed, num_fixed_groups=fixed,
-                                      fixed_seed=fixed_seed)
+        decoder = model.prior_decoder(
+            num_rows,
+            temperature,
+            decoder_temperature,
+            seed=column_seed,
+            num_fixed_groups=fixed,
+            fixed_seed=fixed_seed,
+        )
         return decoder_images(decoder, mean, _fold(column_seed, -1))
 
     columns = [column(_fold(seed, c)) for c in range(num_columns)]
@@ -84,7 +99,8 @@ def check_finite(images, what):
         raise NonFiniteSamplesError(
             f"{int(bad.sum())} of {bad.size} {what} contain NaN or Inf values; with re-adjusted "
             "batch-norm statistics this is a known failure of some checkpoints (original NVAE "
-            "issue #36): try without BN re-adjustment or with another temperature")
+            "issue #36): try without BN re-adjustment or with another temperature"
+        )
     return images
 
 

@@ -18,6 +18,7 @@ models: not 0/1 for ``log_likelihood``), ``num_samples < 1`` or ``temperature <=
 with an InvalidArgumentError naming the problem; a wrong dtype is refused by TensorFlow's
 signature matching, which names the expected TensorSpec.
 """
+
 import tensorflow as tf
 
 from nvae_tf.inference.likelihood import bits_per_dim
@@ -71,12 +72,13 @@ class ServingModule(tf.Module):
         @tf.function(input_signature=[_IMAGES, _COUNT])
         def log_likelihood(images, num_samples):
             images = _checked(images, shape, binary=config.decoder == "bernoulli")
-            with tf.control_dependencies([tf.debugging.assert_positive(
-                    num_samples, message="num_samples must be >= 1")]):
-                ll = model.log_likelihood(images, num_samples, max_images_per_pass,
-                                          seed=SERVING_SEED)
-            return {"log_likelihood": ll,
-                    "bits_per_dim": bits_per_dim(-ll, config.num_output_dims)}
+            with tf.control_dependencies(
+                [tf.debugging.assert_positive(num_samples, message="num_samples must be >= 1")]
+            ):
+                ll = model.log_likelihood(
+                    images, num_samples, max_images_per_pass, seed=SERVING_SEED
+                )
+            return {"log_likelihood": ll, "bits_per_dim": bits_per_dim(-ll, config.num_output_dims)}
 
         self.sample = sample
         self.reconstruct = reconstruct
@@ -94,18 +96,25 @@ def _checked(images, shape, binary=False):
     flat = tf.reshape(images, [-1])  # reductions over a flat vector work for any rank
     padded = tf.pad(dims, [[0, 4]])[1:4]  # defined for every rank
     conditions = [
-        (tf.logical_and(tf.equal(tf.size(dims), 4), tf.reduce_all(tf.equal(padded, shape))),
-         f"images must have shape (batch, {shape[0]}, {shape[1]}, {shape[2]})"),
+        (
+            tf.logical_and(tf.equal(tf.size(dims), 4), tf.reduce_all(tf.equal(padded, shape))),
+            f"images must have shape (batch, {shape[0]}, {shape[1]}, {shape[2]})",
+        ),
         (tf.reduce_all(tf.math.is_finite(flat)), "images contain NaN or Inf"),
         (tf.reduce_all((flat >= 0.0) & (flat <= 1.0)), "images must be in [0, 1]"),
     ]
     if binary:
-        conditions.append((tf.reduce_all((flat == 0.0) | (flat == 1.0)),
-                           ("this model scores binary images: pixels must be 0 or 1 (binarize "
-                            "first, e.g. images > 0.5)")))
+        conditions.append(
+            (
+                tf.reduce_all((flat == 0.0) | (flat == 1.0)),
+                (
+                    "this model scores binary images: pixels must be 0 or 1 (binarize "
+                    "first, e.g. images > 0.5)"
+                ),
+            )
+        )
     ok = tf.stack([c for c, _ in conditions])
-    message = tf.gather(tf.constant([m for _, m in conditions]),
-                        tf.argmin(tf.cast(ok, tf.int32)))
+    message = tf.gather(tf.constant([m for _, m in conditions]), tf.argmin(tf.cast(ok, tf.int32)))
     check = tf.debugging.Assert(tf.reduce_all(ok), [message, "; got shape", dims], summarize=8)
     with tf.control_dependencies([check]):
         return tf.ensure_shape(tf.identity(images), [None, *shape])

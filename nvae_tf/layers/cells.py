@@ -4,6 +4,7 @@
 ``DecoderCell`` (decoder tower and post-process) is an inverted residual with a depthwise 5x5.
 Down cells double the channels, up cells halve them (spec 1.2).
 """
+
 import keras
 import tensorflow as tf
 
@@ -84,12 +85,13 @@ class DecoderCell(_ResidualCell):
     def build(self, input_shape):
         cin = int(input_shape[-1])
         cout = cin // CHANNEL_MULT if self.upsample else cin
-        hidden = int(round(cin * self.expansion))
+        hidden = round(cin * self.expansion)
         self.bn_in = BatchNorm(name="bn_in")
         self.expand = Conv2D(hidden, 1, use_bias=False, weight_norm=False, name="expand")
         self.bn_swish_1 = BNSwish(name="bn_swish_1")
-        self.depthwise = Conv2D(hidden, 5, use_bias=False, weight_norm=False, depthwise=True,
-                                name="depthwise")
+        self.depthwise = Conv2D(
+            hidden, 5, use_bias=False, weight_norm=False, depthwise=True, name="depthwise"
+        )
         self.bn_swish_2 = BNSwish(name="bn_swish_2")
         self.project = Conv2D(cout, 1, use_bias=False, weight_norm=False, name="project")
         self.bn_out = BatchNorm(name="bn_out")

@@ -1,4 +1,5 @@
 """Where the two towers meet (spec 1.5, 1.6)."""
+
 import keras
 import tensorflow as tf
 

@@ -8,6 +8,7 @@ cell in raster order followed by one "mirrored" cell (spatial mask flipped in H 
 order kept). The masked convs are Keras 3 layers (TFP's ``AutoregressiveNetwork`` is a tf-keras
 object whose weights Keras 3 would not track); ``ShiftIAF`` hands them to TFP as a bijector.
 """
+
 import math
 
 import keras
@@ -23,20 +24,21 @@ tfb = tfp.bijectors
 def _channel_mask(in_channels, out_channels, zero_diag):
     """Centre-tap mask, (Cout, Cin), as the original ``channel_mask`` for dense convs."""
     if in_channels % out_channels and out_channels % in_channels:
-        raise ValueError(f"masked conv needs one of Cin={in_channels}, Cout={out_channels} "
-                         f"to divide the other")
+        raise ValueError(
+            f"masked conv needs one of Cin={in_channels}, Cout={out_channels} to divide the other"
+        )
     mask = np.ones((out_channels, in_channels), np.float32)
     if out_channels >= in_channels:
         # Output block i (ratio r channels) sees input channels < i (and i itself unless
         # zero_diag).
         r = out_channels // in_channels
         for i in range(in_channels):
-            mask[i * r:(i + 1) * r, i if zero_diag else i + 1:] = 0.0
+            mask[i * r : (i + 1) * r, i if zero_diag else i + 1 :] = 0.0
     else:
         # Output i sees input blocks < i (and block i unless zero_diag), blocks of r channels.
         r = in_channels // out_channels
         for i in range(out_channels):
-            mask[i, i * r if zero_diag else (i + 1) * r:] = 0.0
+            mask[i, i * r if zero_diag else (i + 1) * r :] = 0.0
     return mask
 
 
@@ -80,16 +82,34 @@ class MaskedConv2D(Conv2D):
       use_bias, depthwise, log_g_offset: as in ``Conv2D``.
     """
 
-    def __init__(self, filters, kernel_size, zero_diag=False, mirror=False, use_bias=True,
-                 depthwise=False, log_g_offset=0.0, **kwargs):
-        super().__init__(filters, kernel_size, strides=1, use_bias=use_bias, weight_norm=True,
-                         depthwise=depthwise, log_g_offset=log_g_offset, **kwargs)
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        zero_diag=False,
+        mirror=False,
+        use_bias=True,
+        depthwise=False,
+        log_g_offset=0.0,
+        **kwargs,
+    ):
+        super().__init__(
+            filters,
+            kernel_size,
+            strides=1,
+            use_bias=use_bias,
+            weight_norm=True,
+            depthwise=depthwise,
+            log_g_offset=log_g_offset,
+            **kwargs,
+        )
         self.zero_diag = bool(zero_diag)
         self.mirror = bool(mirror)
 
     def kernel_mask(self, in_channels):
-        return conv_mask(self.kernel_size, in_channels, self.filters, self.zero_diag,
-                         self.mirror, self.depthwise)
+        return conv_mask(
+            self.kernel_size, in_channels, self.filters, self.zero_diag, self.mirror, self.depthwise
+        )
 
     def get_config(self):
         config = super().get_config()
@@ -120,12 +140,20 @@ class AutoregressiveShift(keras.layers.Layer):
         self.expansion = int(expansion)
         self.mirror = bool(mirror)
         hidden = self.channels * self.expansion
-        self.conv_in = MaskedConv2D(hidden, 3, zero_diag=True, mirror=self.mirror,
-                                    use_bias=False, name="conv_in")
-        self.conv_dw = MaskedConv2D(hidden, 5, mirror=self.mirror, use_bias=False,
-                                    depthwise=True, name="conv_dw")
-        self.conv_mu = MaskedConv2D(self.channels, 1, mirror=self.mirror, use_bias=True,
-                                    log_g_offset=-math.log(10.0), name="conv_mu")
+        self.conv_in = MaskedConv2D(
+            hidden, 3, zero_diag=True, mirror=self.mirror, use_bias=False, name="conv_in"
+        )
+        self.conv_dw = MaskedConv2D(
+            hidden, 5, mirror=self.mirror, use_bias=False, depthwise=True, name="conv_dw"
+        )
+        self.conv_mu = MaskedConv2D(
+            self.channels,
+            1,
+            mirror=self.mirror,
+            use_bias=True,
+            log_g_offset=-math.log(10.0),
+            name="conv_mu",
+        )
 
     def build(self, input_shape):
         if int(input_shape[-1]) != self.channels:
@@ -150,8 +178,12 @@ class AutoregressiveShift(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "channels": self.channels,
-                "expansion": self.expansion, "mirror": self.mirror}
+        return {
+            **super().get_config(),
+            "channels": self.channels,
+            "expansion": self.expansion,
+            "mirror": self.mirror,
+        }
 
 
 def _on_4d(fn, x):
@@ -177,8 +209,13 @@ class ShiftIAF(tfb.Bijector):
     def __init__(self, cell, validate_args=False, name="shift_iaf"):
         parameters = dict(locals())
         self._cell = cell
-        super().__init__(forward_min_event_ndims=3, is_constant_jacobian=True,
-                         validate_args=validate_args, parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=3,
+            is_constant_jacobian=True,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     @property
     def cell(self):
@@ -196,8 +233,11 @@ class ShiftIAF(tfb.Bijector):
             x_next = y + tf.cast(_on_4d(self._cell.shift, x), y.dtype)
             return i + 1, x_next, tf.reduce_all(tf.equal(x_next, x))
 
-        _, x, _ = tf.while_loop(lambda i, x, done: tf.logical_and(i < n, tf.logical_not(done)),
-                                body, (tf.constant(0), y, tf.constant(False)))
+        _, x, _ = tf.while_loop(
+            lambda i, x, done: tf.logical_and(i < n, tf.logical_not(done)),
+            body,
+            (tf.constant(0), y, tf.constant(False)),
+        )
         return x
 
     def _forward_log_det_jacobian(self, x):
@@ -230,8 +270,13 @@ class PosteriorFlow(keras.layers.Layer):
         # One attribute per cell, not a list: Keras 3 wraps lists in a TrackedList that
         # tf.train.Checkpoint does not follow, so list-held cells would be left out of checkpoints.
         for i in range(2 * self.num_pairs):
-            setattr(self, f"cell_{i}", AutoregressiveShift(
-                self.channels, self.expansion, mirror=bool(i % 2), name=f"cell_{i}"))
+            setattr(
+                self,
+                f"cell_{i}",
+                AutoregressiveShift(
+                    self.channels, self.expansion, mirror=bool(i % 2), name=f"cell_{i}"
+                ),
+            )
 
     @property
     def cells(self):
@@ -249,13 +294,21 @@ class PosteriorFlow(keras.layers.Layer):
 
     def bijector(self):
         """The flow as a ``tfb.Chain`` of ``ShiftIAF`` (Chain applies its list last-first)."""
-        return tfb.Chain([ShiftIAF(cell, name=f"shift_iaf_{i}")
-                          for i, cell in reversed(list(enumerate(self.cells)))],
-                         name="posterior_flow")
+        return tfb.Chain(
+            [
+                ShiftIAF(cell, name=f"shift_iaf_{i}")
+                for i, cell in reversed(list(enumerate(self.cells)))
+            ],
+            name="posterior_flow",
+        )
 
     def compute_output_shape(self, input_shape):
         return input_shape, (input_shape[0],)
 
     def get_config(self):
-        return {**super().get_config(), "num_pairs": self.num_pairs,
-                "channels": self.channels, "expansion": self.expansion}
+        return {
+            **super().get_config(),
+            "num_pairs": self.num_pairs,
+            "channels": self.channels,
+            "expansion": self.expansion,
+        }

@@ -5,12 +5,13 @@ posterior comes from ``enc0`` on the final bottom-up feature. Every later group 
 prior from the top-down state and forms its posterior residually from the bottom-up feature
 mixed in by the encoder combiner (spec 1.1, 1.5, 1.6, 3.2, 3.3).
 """
+
 import keras
 import tensorflow as tf
 
+from nvae_tf.distributions import latent_normal, residual_normal, top_prior
 from nvae_tf.layers.cells import DecoderCell
 from nvae_tf.layers.combiners import DecoderCombiner, EncoderCombiner
-from nvae_tf.distributions import latent_normal, residual_normal, top_prior
 from nvae_tf.layers.flows import PosteriorFlow
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D
@@ -19,19 +20,29 @@ from nvae_tf.layers.weight_norm import Conv2D
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
     """Args:
-      index: position in top-down order (0 = top group).
-      upsample: the group starts a new scale (an up cell precedes its cells).
-      num_cells: decoder cells run before the group (0 for the top group).
-      decoder_channels / encoder_channels: widths at this group's scale.
-      latent_channels: channels of z (20 in the paper).
-      num_flows: IAF pairs applied to the posterior sample.
-      residual_posterior: posterior parametrised relative to the prior (``res_dist``).
-      use_se: squeeze-excitation in the cells.
+    index: position in top-down order (0 = top group).
+    upsample: the group starts a new scale (an up cell precedes its cells).
+    num_cells: decoder cells run before the group (0 for the top group).
+    decoder_channels / encoder_channels: widths at this group's scale.
+    latent_channels: channels of z (20 in the paper).
+    num_flows: IAF pairs applied to the posterior sample.
+    residual_posterior: posterior parametrised relative to the prior (``res_dist``).
+    use_se: squeeze-excitation in the cells.
     """
 
-    def __init__(self, index, upsample, num_cells, decoder_channels, encoder_channels,
-                 latent_channels=20, num_flows=0, residual_posterior=True, use_se=True,
-                 **kwargs):
+    def __init__(
+        self,
+        index,
+        upsample,
+        num_cells,
+        decoder_channels,
+        encoder_channels,
+        latent_channels=20,
+        num_flows=0,
+        residual_posterior=True,
+        use_se=True,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.index = int(index)
         self.upsample = bool(upsample)
@@ -44,8 +55,9 @@ class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
         self.use_se = bool(use_se)
 
         # The model runs these (it owns the recompute policy) before calling the group.
-        self.cells = ([DecoderCell(6, upsample=True, use_se=use_se, name="up_cell")]
-                      if upsample else [])
+        self.cells = (
+            [DecoderCell(6, upsample=True, use_se=use_se, name="up_cell")] if upsample else []
+        )
         self.cells += [DecoderCell(6, use_se=use_se, name=f"cell_{i}") for i in range(num_cells)]
         if self.is_top:
             self.enc0 = Conv2D(self.encoder_channels, 1, name="enc0")
@@ -53,8 +65,7 @@ class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
             self.prior_head = Conv2D(2 * latent_channels, 1, name="prior_head")
             self.encoder_combiner = EncoderCombiner(self.encoder_channels, name="encoder_combiner")
         self.posterior_head = Conv2D(2 * latent_channels, 3, name="posterior_head")
-        self.flow = (PosteriorFlow(num_flows, latent_channels, name="flow") if num_flows
-                     else None)
+        self.flow = PosteriorFlow(num_flows, latent_channels, name="flow") if num_flows else None
         self.decoder_combiner = DecoderCombiner(self.decoder_channels, name="decoder_combiner")
 
     @property
@@ -76,7 +87,11 @@ class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
         prior_params = self._prior_params(s)
         feature = self.encoder_combiner(encoder_feature, s)
         delta = _split(self.posterior_head(feature))
-        q = residual_normal(*prior_params, *delta) if self.residual_posterior else latent_normal(*delta)
+        q = (
+            residual_normal(*prior_params, *delta)
+            if self.residual_posterior
+            else latent_normal(*delta)
+        )
         return q, latent_normal(*prior_params)
 
     def call(self, s, encoder_feature, seed, training=None):
@@ -122,11 +137,18 @@ class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
         return _split(self.prior_head(tf.nn.elu(s)))
 
     def get_config(self):
-        return {**super().get_config(), "index": self.index, "upsample": self.upsample,
-                "num_cells": self.num_cells, "decoder_channels": self.decoder_channels,
-                "encoder_channels": self.encoder_channels,
-                "latent_channels": self.latent_channels, "num_flows": self.num_flows,
-                "residual_posterior": self.residual_posterior, "use_se": self.use_se}
+        return {
+            **super().get_config(),
+            "index": self.index,
+            "upsample": self.upsample,
+            "num_cells": self.num_cells,
+            "decoder_channels": self.decoder_channels,
+            "encoder_channels": self.encoder_channels,
+            "latent_channels": self.latent_channels,
+            "num_flows": self.num_flows,
+            "residual_posterior": self.residual_posterior,
+            "use_se": self.use_se,
+        }
 
 
 def _split(params):

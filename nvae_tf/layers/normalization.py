@@ -5,6 +5,7 @@ replicas. ``update_stats=False`` normalizes with batch statistics without touchi
 averages: the recompute pass of ``nvae_tf.layers.recompute`` needs it, since a second update per step
 would change the statistics (``tf.recompute_grad`` has no such switch).
 """
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -59,7 +60,8 @@ def _fused_batch_norm(x, gamma, beta, epsilon):
     the Bessel-corrected one).
     """
     out, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-        x, gamma, beta, epsilon=epsilon, is_training=True)[:3]
+        x, gamma, beta, epsilon=epsilon, is_training=True
+    )[:3]
     n = tf.cast(tf.size(x) // tf.size(mean), tf.float32)
     return out, mean, variance * ((n - 1.0) / n)
 
@@ -70,8 +72,9 @@ def synchronized_moments(x, axes):
     sync = ctx is not None and ctx.num_replicas_in_sync > 1
     x = tf.cast(x, tf.float32)
     local_sum = tf.reduce_sum(x, axis=axes, keepdims=True)
-    count = tf.cast(tf.size(x, out_type=tf.int64) // tf.size(local_sum, out_type=tf.int64),
-                    tf.float32)
+    count = tf.cast(
+        tf.size(x, out_type=tf.int64) // tf.size(local_sum, out_type=tf.int64), tf.float32
+    )
     if sync:
         local_sum, count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [local_sum, count])
     mean = local_sum / count

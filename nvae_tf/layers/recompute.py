@@ -4,6 +4,7 @@ Built on ``tf.custom_gradient`` rather than ``tf.recompute_grad`` because the re
 must run batch norm on batch statistics WITHOUT updating the moving averages a second time
 (``tf.recompute_grad`` calls the function identically twice).
 """
+
 import tensorflow as tf
 
 
@@ -29,8 +30,12 @@ def recompute_cells(cells, x, training=None):
             with tf.GradientTape() as tape:
                 tape.watch(again)
                 recomputed = run_cells(cells, again, training=training, update_stats=False)
-            grads = tape.gradient(recomputed, [again] + variables, output_gradients=upstream,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            grads = tape.gradient(
+                recomputed,
+                [again] + variables,
+                output_gradients=upstream,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
             return grads[0], grads[1:]
 
         return outputs, backward

@@ -1,4 +1,5 @@
 """Skip connections of the resolution-changing cells (spec 2.5)."""
+
 import keras
 import tensorflow as tf
 
@@ -51,8 +52,9 @@ class UpSkip(keras.layers.Layer):
 
     def call(self, x):
         size = tf.shape(x)[1:3] * 2
-        up = tf.raw_ops.ResizeBilinear(images=x, size=size, align_corners=True,
-                                       half_pixel_centers=False)
+        up = tf.raw_ops.ResizeBilinear(
+            images=x, size=size, align_corners=True, half_pixel_centers=False
+        )
         return self.conv(tf.cast(up, x.dtype))
 
     def get_config(self):

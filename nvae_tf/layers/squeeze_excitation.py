@@ -1,4 +1,5 @@
 """Squeeze-and-excitation gate applied at the end of every residual branch (spec 2.6)."""
+
 import keras
 from keras import ops
 
@@ -13,12 +14,20 @@ class SqueezeExcitation(keras.layers.Layer):
         channels = int(input_shape[-1])
         hidden = max(channels // 16, 4)
         # PyTorch Linear init (U(+-1/sqrt(fan_in)) for weights and biases) for matching dynamics.
-        self.squeeze = keras.layers.Dense(hidden, activation="relu", name="squeeze",
-                                          kernel_initializer=torch_uniform(channels),
-                                          bias_initializer=torch_uniform(channels))
-        self.excite = keras.layers.Dense(channels, activation="sigmoid", name="excite",
-                                         kernel_initializer=torch_uniform(hidden),
-                                         bias_initializer=torch_uniform(hidden))
+        self.squeeze = keras.layers.Dense(
+            hidden,
+            activation="relu",
+            name="squeeze",
+            kernel_initializer=torch_uniform(channels),
+            bias_initializer=torch_uniform(channels),
+        )
+        self.excite = keras.layers.Dense(
+            channels,
+            activation="sigmoid",
+            name="excite",
+            kernel_initializer=torch_uniform(hidden),
+            bias_initializer=torch_uniform(hidden),
+        )
         self.squeeze.build((None, channels))
         self.excite.build((None, hidden))
 

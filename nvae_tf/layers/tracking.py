@@ -4,6 +4,7 @@ Keras 3 wraps list attributes in ``TrackedList``, which TensorFlow's object-base
 do not recognise: their layers' variables are silently left out of checkpoints (keras #18398).
 Layers that keep sub-layers in lists inherit this mixin, which names each element as a child.
 """
+
 import tensorflow as tf
 
 

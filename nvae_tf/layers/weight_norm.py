@@ -6,6 +6,7 @@ Keras 3 has no weight-norm layer, so this is our own: the effective kernel is
 layer with ``weight_norm=False`` is the plain conv used inside the decoder cells; both expose
 ``kernel_matrix()`` for the spectral regularizer.
 """
+
 import math
 
 import keras
@@ -37,8 +38,17 @@ class Conv2D(keras.layers.Layer):
       log_g_offset: added to the initial log-norm; the flows use ``-log(10)`` (spec 4).
     """
 
-    def __init__(self, filters, kernel_size, strides=1, use_bias=True, weight_norm=True,
-                 depthwise=False, log_g_offset=0.0, **kwargs):
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        use_bias=True,
+        weight_norm=True,
+        depthwise=False,
+        log_g_offset=0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
@@ -61,8 +71,9 @@ class Conv2D(keras.layers.Layer):
         k = self.kernel_size
         if self.depthwise:
             if self.filters != cin:
-                raise ValueError(f"depthwise conv needs filters == input channels "
-                                 f"({self.filters} != {cin})")
+                raise ValueError(
+                    f"depthwise conv needs filters == input channels ({self.filters} != {cin})"
+                )
             shape, fan_in = (k, k, cin, 1), k * k
         else:
             shape, fan_in = (k, k, cin, self.filters), cin * k * k
@@ -70,19 +81,24 @@ class Conv2D(keras.layers.Layer):
         self._mask = self.kernel_mask(cin)
         # autocast=False: under mixed precision the weight norm runs in float32 (as the
         # original) and only the effective kernel is cast to the compute dtype.
-        self.kernel = self.add_weight(name="kernel", shape=shape, initializer=torch_uniform(fan_in),
-                                      autocast=False)
+        self.kernel = self.add_weight(
+            name="kernel", shape=shape, initializer=torch_uniform(fan_in), autocast=False
+        )
         if self.weight_norm:
-            self.log_g = self.add_weight(name="log_g", shape=(self.filters,),
-                                         initializer=self._initial_log_g, autocast=False)
+            self.log_g = self.add_weight(
+                name="log_g", shape=(self.filters,), initializer=self._initial_log_g, autocast=False
+            )
         if self.use_bias:
-            self.bias = self.add_weight(name="bias", shape=(self.filters,),
-                                        initializer=torch_uniform(fan_in))
+            self.bias = self.add_weight(
+                name="bias", shape=(self.filters,), initializer=torch_uniform(fan_in)
+            )
 
     def _initial_log_g(self, shape, dtype=None):
         """log(||v_init|| + 0.01): the effective kernel starts equal to the raw init."""
         with tf.init_scope():  # eager even when Keras builds inside a scratch graph
-            norm = tf.reshape(self._kernel_norm(self._masked(tf.convert_to_tensor(self.kernel))), (-1,))
+            norm = tf.reshape(
+                self._kernel_norm(self._masked(tf.convert_to_tensor(self.kernel))), (-1,)
+            )
             return tf.cast(tf.math.log(norm + 0.01) + self.log_g_offset, dtype or "float32")
 
     def _masked(self, kernel):
@@ -118,13 +134,19 @@ class Conv2D(keras.layers.Layer):
         if self.strides == 1:
             # "SAME" is the symmetric k // 2 padding here and takes oneDNN's fast kernels;
             # explicit paddings fall back to slower ones on CPU.
-            y = (depthwise_conv2d_same(x, kernel) if self.depthwise
-                 else tf.nn.conv2d(x, kernel, 1, "SAME"))
+            y = (
+                depthwise_conv2d_same(x, kernel)
+                if self.depthwise
+                else tf.nn.conv2d(x, kernel, 1, "SAME")
+            )
         else:
             if p:
                 x = tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
-            y = (tf.nn.depthwise_conv2d(x, kernel, (1, 2, 2, 1), "VALID") if self.depthwise
-                 else tf.nn.conv2d(x, kernel, 2, "VALID"))
+            y = (
+                tf.nn.depthwise_conv2d(x, kernel, (1, 2, 2, 1), "VALID")
+                if self.depthwise
+                else tf.nn.conv2d(x, kernel, 2, "VALID")
+            )
         if self.use_bias:
             y = tf.nn.bias_add(y, tf.cast(self.bias, y.dtype))
         return y
@@ -132,11 +154,21 @@ class Conv2D(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         b, h, w, _ = input_shape
         s = self.strides
-        return (b, None if h is None else (h + s - 1) // s, None if w is None else (w + s - 1) // s,
-                self.filters)
+        return (
+            b,
+            None if h is None else (h + s - 1) // s,
+            None if w is None else (w + s - 1) // s,
+            self.filters,
+        )
 
     def get_config(self):
-        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
-                "strides": self.strides, "use_bias": self.use_bias,
-                "weight_norm": self.weight_norm, "depthwise": self.depthwise,
-                "log_g_offset": self.log_g_offset}
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "use_bias": self.use_bias,
+            "weight_norm": self.weight_norm,
+            "depthwise": self.depthwise,
+            "log_g_offset": self.log_g_offset,
+        }

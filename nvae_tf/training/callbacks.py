@@ -6,6 +6,7 @@ write (the current beta, lambda and learning rate on every step; per-group KL an
 logged steps, which it marks with a ``step`` key). The global step used throughout is the number
 of training batches consumed: applied steps (``optimizer.iterations``) plus skipped ones.
 """
+
 import csv
 import os
 import time
@@ -20,8 +21,20 @@ from nvae_tf.training.schedules import kl_coefficient, regularizer_weight
 ACTIVE_UNIT_KL = 0.1  # a latent channel is "active" when its KL exceeds this (nats, spec 3.3)
 SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # the original's sample grids (spec 5.10)
 PROBE_SEED = (2020, 1)  # fixed noise for logging passes: they never touch the model's generator
-TRAIN_COLUMNS = ("loss", "nelbo", "bpd", "recon", "kl", "grad_norm", "spectral", "bn_penalty",
-                 "beta", "reg_weight", "learning_rate", "skipped_steps")
+TRAIN_COLUMNS = (
+    "loss",
+    "nelbo",
+    "bpd",
+    "recon",
+    "kl",
+    "grad_norm",
+    "spectral",
+    "bn_penalty",
+    "beta",
+    "reg_weight",
+    "learning_rate",
+    "skipped_steps",
+)
 TEST_COLUMNS = ("val_nelbo", "val_bpd")
 
 
@@ -38,9 +51,14 @@ def global_step(model):
 def metric_columns(config):
     """Columns of ``metrics.csv`` (the step first; ``val_*`` only filled at evaluated epochs)."""
     groups = range(config.num_groups)
-    return (("step", "epoch", "wall_time") + TRAIN_COLUMNS + ("active_units",)
-            + tuple(f"kl_group_{g}" for g in groups)
-            + tuple(f"active_units_group_{g}" for g in groups) + TEST_COLUMNS)
+    return (
+        ("step", "epoch", "wall_time")
+        + TRAIN_COLUMNS
+        + ("active_units",)
+        + tuple(f"kl_group_{g}" for g in groups)
+        + tuple(f"active_units_group_{g}" for g in groups)
+        + TEST_COLUMNS
+    )
 
 
 class TrainingDiagnostics(keras.callbacks.Callback):
@@ -85,18 +103,30 @@ class TrainingDiagnostics(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         step = global_step(self.model)
         if logs is not None and step != self._logged_step:  # a run stopped between logged
-            logs.update(self._schedule_values())             # steps still logs its last one
+            logs.update(self._schedule_values())  # steps still logs its last one
             logs.update(self._probe_values(step))
 
     def _schedule_values(self):
         model = self.model
         config, step = model.config, model.optimizer.iterations
-        beta = kl_coefficient(step, model.objective.total_steps, config.kl_anneal_portion,
-                              config.kl_const_portion, config.kl_const_coeff)
-        reg = regularizer_weight(beta, config.weight_decay_norm, config.weight_decay_norm_anneal,
-                                 config.weight_decay_norm_init)
-        return {"beta": float(beta), "reg_weight": float(reg),
-                "learning_rate": float(model.optimizer.learning_rate)}
+        beta = kl_coefficient(
+            step,
+            model.objective.total_steps,
+            config.kl_anneal_portion,
+            config.kl_const_portion,
+            config.kl_const_coeff,
+        )
+        reg = regularizer_weight(
+            beta,
+            config.weight_decay_norm,
+            config.weight_decay_norm_anneal,
+            config.weight_decay_norm_init,
+        )
+        return {
+            "beta": float(beta),
+            "reg_weight": float(reg),
+            "learning_rate": float(model.optimizer.learning_rate),
+        }
 
     def _probe_values(self, step):
         if self._probe is None:
@@ -140,7 +170,8 @@ class SkipGuard(keras.callbacks.Callback):
                 f"training stopped at step {global_step(self.model)}: {streak} consecutive steps "
                 f"had a non-finite loss or gradients ({int(logs.get('skipped_steps', streak))} "
                 "skipped in all); lower learning_rate or set grad_clip_norm, then start again from "
-                "the last checkpoint")
+                "the last checkpoint"
+            )
             self.model.stop_training = True
 
 
@@ -289,7 +320,7 @@ def _scalar_tag(key):
         return f"test/{key[4:]}"
     for prefix in ("kl_group_", "active_units_group_"):
         if key.startswith(prefix):
-            return f"{prefix[:-7]}_per_group/{key[len(prefix):]}"
+            return f"{prefix[:-7]}_per_group/{key[len(prefix) :]}"
     return key
 
 
@@ -339,10 +370,10 @@ class TensorBoardImages(keras.callbacks.Callback):
 
 def side_by_side(left, right, columns=4):
     """(rows, 2 * columns, H, W, C) layout: ``left`` images in the left half, ``right`` beside."""
+
     def blocks(images):
         n = len(images)
-        padded = np.concatenate([images, np.zeros((-n % columns, *images.shape[1:]),
-                                                  images.dtype)])
+        padded = np.concatenate([images, np.zeros((-n % columns, *images.shape[1:]), images.dtype)])
         return padded.reshape(-1, columns, *images.shape[1:])
 
     return np.concatenate([blocks(left), blocks(right)], axis=1)
@@ -366,8 +397,11 @@ class ProgressBar(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         epochs = self.params.get("epochs")
         print(f"Epoch {epoch + 1}/{epochs}" if epochs else f"Epoch {epoch + 1}")
-        self._bar = keras.utils.Progbar(self.params.get("steps"), verbose=self.verbose,
-                                        stateful_metrics=self.KEYS + ("val_bpd",))
+        self._bar = keras.utils.Progbar(
+            self.params.get("steps"),
+            verbose=self.verbose,
+            stateful_metrics=self.KEYS + ("val_bpd",),
+        )
         self._seen = 0
 
     def on_train_batch_end(self, batch, logs=None):

@@ -11,6 +11,7 @@ Strategies (``nvae-train --strategy``):
                     ``mirrored`` with several GPUs, else ``one_device``.
 The per-replica batch is ``config.batch_size`` under every strategy, as in the paper.
 """
+
 import contextlib
 import json
 import os
@@ -26,10 +27,13 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 def set_cluster(workers, task_index):
     """Set ``TF_CONFIG`` for a cluster of ``workers`` ("host:port" list); we are ``task_index``."""
     if not 0 <= task_index < len(workers):
-        raise ConfigError(f"--task-index must be in [0, {len(workers)}) for {len(workers)} "
-                          f"worker(s), got {task_index}")
+        raise ConfigError(
+            f"--task-index must be in [0, {len(workers)}) for {len(workers)} "
+            f"worker(s), got {task_index}"
+        )
     os.environ["TF_CONFIG"] = json.dumps(
-        {"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": task_index}})
+        {"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": task_index}}
+    )
 
 
 def cluster_size():
@@ -52,12 +56,15 @@ def make_strategy(name="auto"):
     # MultiWorkerMirroredStrategy can no longer configure its collectives.
     gpus = tf.config.list_physical_devices("GPU")
     if name == "auto":
-        name = ("multi_worker" if cluster_size() > 1
-                else "mirrored" if len(gpus) > 1 else "one_device")
+        name = (
+            "multi_worker" if cluster_size() > 1 else "mirrored" if len(gpus) > 1 else "one_device"
+        )
     if name == "multi_worker":
         if cluster_size() < 1:
-            raise ConfigError("strategy multi_worker needs a cluster: set TF_CONFIG or pass "
-                              "--workers and --task-index")
+            raise ConfigError(
+                "strategy multi_worker needs a cluster: set TF_CONFIG or pass "
+                "--workers and --task-index"
+            )
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
@@ -97,9 +104,11 @@ def num_workers(strategy):
 def input_context(strategy):
     """This worker's ``InputContext``: its shard of the data, batched for all its replicas."""
     workers = num_workers(strategy)
-    return tf.distribute.InputContext(num_input_pipelines=workers,
-                                      input_pipeline_id=worker_id(strategy),
-                                      num_replicas_in_sync=workers)
+    return tf.distribute.InputContext(
+        num_input_pipelines=workers,
+        input_pipeline_id=worker_id(strategy),
+        num_replicas_in_sync=workers,
+    )
 
 
 def distribute_batch(strategy, batch):

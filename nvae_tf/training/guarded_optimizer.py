@@ -8,33 +8,46 @@ distribution-safe control flow that ``tf.distribute`` needs. Two things are adde
     not shrink the scale.
 It counts skipped steps (total and consecutive) so training can be stopped when stuck.
 """
+
 import keras
 import tensorflow as tf
 
 from nvae_tf.training.optimizer import NVAEAdamax
 from nvae_tf.training.schedules import NVAELearningRate
 
-INITIAL_LOSS_SCALE = 2.0 ** 10  # the original's GradScaler(init_scale=2**10) (spec 5.9)
+INITIAL_LOSS_SCALE = 2.0**10  # the original's GradScaler(init_scale=2**10) (spec 5.9)
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class GuardedOptimizer(keras.optimizers.LossScaleOptimizer):
     """Wraps ``inner_optimizer``; ``dynamic=True`` for float16 dynamic loss scaling."""
 
-    def __init__(self, inner_optimizer, dynamic=False, initial_scale=INITIAL_LOSS_SCALE,
-                 dynamic_growth_steps=2000, **kwargs):
-        super().__init__(inner_optimizer, initial_scale=initial_scale if dynamic else 1.0,
-                         dynamic_growth_steps=dynamic_growth_steps, **kwargs)
+    def __init__(
+        self,
+        inner_optimizer,
+        dynamic=False,
+        initial_scale=INITIAL_LOSS_SCALE,
+        dynamic_growth_steps=2000,
+        **kwargs,
+    ):
+        super().__init__(
+            inner_optimizer,
+            initial_scale=initial_scale if dynamic else 1.0,
+            dynamic_growth_steps=dynamic_growth_steps,
+            **kwargs,
+        )
         self.dynamic = bool(dynamic)
 
     def build(self, var_list):
         if self.built:
             return
         super().build(var_list)
-        self.skipped_steps = self.add_variable((), initializer="zeros", dtype="int64",
-                                               name="skipped_steps")
-        self.consecutive_skips = self.add_variable((), initializer="zeros", dtype="int64",
-                                                   name="consecutive_skips")
+        self.skipped_steps = self.add_variable(
+            (), initializer="zeros", dtype="int64", name="skipped_steps"
+        )
+        self.consecutive_skips = self.add_variable(
+            (), initializer="zeros", dtype="int64", name="consecutive_skips"
+        )
 
     def check_finite(self, grads):
         finite = super().check_finite(grads)
@@ -67,11 +80,19 @@ def moving_averages(optimizer):
 
 def make_optimizer(config, steps_per_epoch):
     """NVAE's Adamax with warm-up + cosine learning rate (spec 5.7, 5.8), guarded."""
-    schedule = NVAELearningRate(config.learning_rate, config.learning_rate_min,
-                                config.warmup_epochs, config.epochs, steps_per_epoch)
-    inner = NVAEAdamax(learning_rate=schedule, epsilon=config.adamax_epsilon,
-                       l2_decay=config.weight_decay,
-                       global_clipnorm=config.grad_clip_norm or None,
-                       use_ema=config.ema_decay > 0,
-                       ema_momentum=config.ema_decay or 0.99)
+    schedule = NVAELearningRate(
+        config.learning_rate,
+        config.learning_rate_min,
+        config.warmup_epochs,
+        config.epochs,
+        steps_per_epoch,
+    )
+    inner = NVAEAdamax(
+        learning_rate=schedule,
+        epsilon=config.adamax_epsilon,
+        l2_decay=config.weight_decay,
+        global_clipnorm=config.grad_clip_norm or None,
+        use_ema=config.ema_decay > 0,
+        ema_momentum=config.ema_decay or 0.99,
+    )
     return GuardedOptimizer(inner, dynamic=config.precision == "mixed_float16")

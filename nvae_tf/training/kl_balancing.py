@@ -4,6 +4,7 @@ While ``beta < 1`` each group's KL gets a stop-gradient coefficient proportional
 batch-average KL divided by its size factor ``alpha`` (so that no group is switched off early:
 posterior-collapse prevention); afterwards the KL is the plain sum over groups.
 """
+
 import numpy as np
 import tensorflow as tf
 
@@ -28,8 +29,7 @@ def balance_coefficients(groups_per_scale):
     result is a float32 numpy array of length ``sum(groups_per_scale)`` in the same order as the
     KL columns.
     """
-    alpha = np.concatenate([np.full(g, (2.0 ** i) ** 2 / g)
-                            for i, g in enumerate(groups_per_scale)])
+    alpha = np.concatenate([np.full(g, (2.0**i) ** 2 / g) for i, g in enumerate(groups_per_scale)])
     return (alpha / alpha.min()).astype(np.float32)
 
 

@@ -16,6 +16,7 @@ reproduces an uninterrupted one step for step (given deterministic ops). Under
 does not fit the others: there the data stream restarts on resume, reseeded by the step.
 ``model.fit(load_dataset(...), ...)`` keeps working for library users with the same callbacks.
 """
+
 import contextlib
 import dataclasses
 import os
@@ -47,9 +48,20 @@ class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM stopped training after a step; a checkpoint of that step was saved."""
 
 
-def train(config, out_dir, *, steps=None, resume=False, strategy=None, verbose=1, callbacks=(),
-          log_every=LOG_EVERY, image_every=IMAGE_EVERY, checkpoint_every=CHECKPOINT_EVERY,
-          keep_checkpoints=KEEP_CHECKPOINTS):
+def train(
+    config,
+    out_dir,
+    *,
+    steps=None,
+    resume=False,
+    strategy=None,
+    verbose=1,
+    callbacks=(),
+    log_every=LOG_EVERY,
+    image_every=IMAGE_EVERY,
+    checkpoint_every=CHECKPOINT_EVERY,
+    keep_checkpoints=KEEP_CHECKPOINTS,
+):
     """Train ``config`` into the run directory ``out_dir``; returns the final metrics.
 
     Args:
@@ -79,9 +91,13 @@ def train(config, out_dir, *, steps=None, resume=False, strategy=None, verbose=1
 
     from nvae_tf.training.distribute import is_chief, make_strategy, precision_policy
 
-    for name, value in (("steps", steps or 1), ("log_every", log_every),
-                        ("image_every", image_every), ("checkpoint_every", checkpoint_every),
-                        ("keep_checkpoints", keep_checkpoints)):
+    for name, value in (
+        ("steps", steps or 1),
+        ("log_every", log_every),
+        ("image_every", image_every),
+        ("checkpoint_every", checkpoint_every),
+        ("keep_checkpoints", keep_checkpoints),
+    ):
         if int(value) < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     strategy = strategy or make_strategy("auto")
@@ -89,10 +105,15 @@ def train(config, out_dir, *, steps=None, resume=False, strategy=None, verbose=1
     run = _Run(config, out_dir, strategy, resume, chief=is_chief(strategy))
     run.check_inputs()  # config, run directory and data, on every worker, before any writing
     with precision_policy(config.precision):
-        return run.train(steps=steps, verbose=verbose if run.chief else 0,
-                         extra_callbacks=list(callbacks), log_every=log_every,
-                         image_every=image_every, checkpoint_every=checkpoint_every,
-                         keep_checkpoints=keep_checkpoints)
+        return run.train(
+            steps=steps,
+            verbose=verbose if run.chief else 0,
+            extra_callbacks=list(callbacks),
+            log_every=log_every,
+            image_every=image_every,
+            checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
+        )
 
 
 @dataclasses.dataclass
@@ -129,14 +150,16 @@ class _Run:
         if is_multi_worker(self.strategy):  # also a barrier: no worker sees the chief's writes
             failed = sum_over_workers(self.strategy, [float(error is not None)])[0]
             if failed and error is None:
-                raise ConfigError(f"{int(failed)} other worker(s) rejected the run's inputs; "
-                                  "see their error messages")
+                raise ConfigError(
+                    f"{int(failed)} other worker(s) rejected the run's inputs; "
+                    "see their error messages"
+                )
         if error is not None:
             raise error
 
     def _check_inputs(self):
-        from nvae_tf.run_dir import check_run_dir
         from nvae_tf.data import num_examples
+        from nvae_tf.run_dir import check_run_dir
 
         self.saved_config = check_run_dir(self.out_dir, self.config, self.resume)
         c, replicas = self.config, self.strategy.num_replicas_in_sync
@@ -145,9 +168,11 @@ class _Run:
         self.num_test = num_examples(c, "test")
         self.steps_per_epoch = self.num_train // self.global_batch
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"the global batch ({c.batch_size} per replica x {replicas} "
-                              f"replica(s) = {self.global_batch}) is larger than the "
-                              f"{self.num_train} training images: lower batch_size")
+            raise ConfigError(
+                f"the global batch ({c.batch_size} per replica x {replicas} "
+                f"replica(s) = {self.global_batch}) is larger than the "
+                f"{self.num_train} training images: lower batch_size"
+            )
         if self.num_test < 1:
             raise ConfigError(f"dataset {c.dataset} has no test images to evaluate on")
         self._make_datasets()
@@ -161,10 +186,12 @@ class _Run:
         context = input_context(self.strategy) if is_multi_worker(self.strategy) else None
         workers = num_workers(self.strategy)
         self.multi_worker = context is not None
-        self.train_data = load_dataset(c, "train", global_batch_size=self.global_batch,
-                                       input_context=context, seed=seed)
-        self.test_data = load_dataset(c, "test", global_batch_size=c.batch_size * workers,
-                                      input_context=context)
+        self.train_data = load_dataset(
+            c, "train", global_batch_size=self.global_batch, input_context=context, seed=seed
+        )
+        self.test_data = load_dataset(
+            c, "test", global_batch_size=c.batch_size * workers, input_context=context
+        )
         if self.probe_images is None:
             probe = load_dataset(c, "test", global_batch_size=min(PROBE_IMAGES, self.num_test))
             self.probe_images = next(iter(probe))
@@ -189,16 +216,17 @@ class _Run:
         """Restore the latest checkpoint (if any) and create the data iterator to continue."""
         import tensorflow as tf
 
-        from nvae_tf.training.callbacks import global_step
         from nvae_tf.run_dir import checkpoint_dir
+        from nvae_tf.training.callbacks import global_step
 
         # Keras metrics are not trackable themselves; their variables are (epoch averages).
         metrics = {f"{m.name}_{v.name}": v for m in model.metrics for v in m.variables}
         state = {"model": model, "optimizer": model.optimizer, "metrics": metrics}
         path = tf.train.latest_checkpoint(checkpoint_dir(self.out_dir)) if self.resume else None
         if path:
-            tf.train.Checkpoint(**state).restore(path).expect_partial() \
-                .assert_existing_objects_matched()
+            tf.train.Checkpoint(**state).restore(
+                path
+            ).expect_partial().assert_existing_objects_matched()
         step = global_step(model)
         saved = self.saved_config
         same_data = saved is None or saved.data_dir == self.config.data_dir
@@ -207,36 +235,51 @@ class _Run:
             self._make_datasets(seed=self.config.seed + step)
         iterator = iter(self.train_data)
         if path and exact:
-            tf.train.Checkpoint(data=iterator).restore(path).expect_partial() \
-                .assert_existing_objects_matched()
+            tf.train.Checkpoint(data=iterator).restore(
+                path
+            ).expect_partial().assert_existing_objects_matched()
         if not self.multi_worker:
             state["data"] = iterator
         return tf.train.Checkpoint(**state), iterator, path, step
 
-    def _callbacks(self, model, manager, writer, verbose, log_every, image_every,
-                   checkpoint_every):
+    def _callbacks(self, model, manager, writer, verbose, log_every, image_every, checkpoint_every):
         from nvae_tf.training import callbacks as cb
 
         guard = cb.SkipGuard(self.config.max_skipped_steps)
-        chain = [cb.TrainingDiagnostics(self.probe_images, log_every), guard,
-                 cb.CheckpointSaver(manager, checkpoint_every)]
+        chain = [
+            cb.TrainingDiagnostics(self.probe_images, log_every),
+            guard,
+            cb.CheckpointSaver(manager, checkpoint_every),
+        ]
         if self.chief:
-            chain += [cb.CSVMetrics(os.path.join(self.out_dir, METRICS_FILE),
-                                    cb.metric_columns(self.config)),
-                      cb.TensorBoardScalars(writer),
-                      cb.TensorBoardImages(writer, self.probe_images, image_every)]
+            chain += [
+                cb.CSVMetrics(
+                    os.path.join(self.out_dir, METRICS_FILE), cb.metric_columns(self.config)
+                ),
+                cb.TensorBoardScalars(writer),
+                cb.TensorBoardImages(writer, self.probe_images, image_every),
+            ]
         if verbose:
             chain.append(cb.ProgressBar(verbose))
         return chain, guard
 
     # --- training -----------------------------------------------------------------------
-    def train(self, *, steps, verbose, extra_callbacks, log_every, image_every,
-              checkpoint_every, keep_checkpoints):
+    def train(
+        self,
+        *,
+        steps,
+        verbose,
+        extra_callbacks,
+        log_every,
+        image_every,
+        checkpoint_every,
+        keep_checkpoints,
+    ):
         import keras
         import tensorflow as tf
 
-        from nvae_tf.training.callbacks import CSVMetrics
         from nvae_tf.run_dir import checkpoint_dir, remove_partial_saves
+        from nvae_tf.training.callbacks import CSVMetrics
 
         c = self.config
         if self.chief:
@@ -247,21 +290,29 @@ class _Run:
         stop_at = min(total, steps) if steps else total
         # Only the chief writes the run directory; other workers save (all must take part)
         # into a temporary directory, removed at the end.
-        save_dir = checkpoint_dir(self.out_dir) if self.chief else tempfile.mkdtemp(
-            prefix="nvae-worker-ckpt-")
+        save_dir = (
+            checkpoint_dir(self.out_dir)
+            if self.chief
+            else tempfile.mkdtemp(prefix="nvae-worker-ckpt-")
+        )
         writer = None
         try:
             if self.chief:
                 remove_partial_saves(save_dir)
                 CSVMetrics.truncate_after(os.path.join(self.out_dir, METRICS_FILE), step)
-                writer = tf.summary.create_file_writer(os.path.join(self.out_dir,
-                                                                    TENSORBOARD_DIR))
+                writer = tf.summary.create_file_writer(os.path.join(self.out_dir, TENSORBOARD_DIR))
             manager = tf.train.CheckpointManager(checkpoint, save_dir, keep_checkpoints)
-            chain, guard = self._callbacks(model, manager, writer, verbose, log_every,
-                                           image_every, checkpoint_every)
+            chain, guard = self._callbacks(
+                model, manager, writer, verbose, log_every, image_every, checkpoint_every
+            )
             callbacks = keras.callbacks.CallbackList(
-                chain + extra_callbacks, add_history=True, model=model, verbose=verbose,
-                epochs=c.epochs, steps=self.steps_per_epoch)
+                chain + extra_callbacks,
+                add_history=True,
+                model=model,
+                verbose=verbose,
+                epochs=c.epochs,
+                steps=self.steps_per_epoch,
+            )
             if verbose:
                 self._announce(restored, step, stop_at, total)
             started = time.time()
@@ -271,16 +322,22 @@ class _Run:
                 raise TrainingDiverged(guard.message)
             step = _global_step(model)
             if stop.signal:
-                print(f"{stop.signal}: stopped at step {step} and saved a checkpoint; continue "
-                      "with --resume", file=sys.stderr)
+                print(
+                    f"{stop.signal}: stopped at step {step} and saved a checkpoint; continue "
+                    "with --resume",
+                    file=sys.stderr,
+                )
                 raise TrainingInterrupted()
             if evaluated and evaluated[0] == step:
                 test = evaluated[1]
             else:
                 test = self.evaluate(model)
-            result = {"step": step, "skipped_steps": int(model.optimizer.skipped_steps.numpy()),
-                      **{f"train_{k}": float(v) for k, v in logs.items() if k in TRAIN_RESULTS},
-                      **{f"test_{k}": v for k, v in test.items()}}
+            result = {
+                "step": step,
+                "skipped_steps": int(model.optimizer.skipped_steps.numpy()),
+                **{f"train_{k}": float(v) for k, v in logs.items() if k in TRAIN_RESULTS},
+                **{f"test_{k}": v for k, v in test.items()},
+            }
             if verbose:
                 self._report(result, time.time() - started)
             return result
@@ -332,10 +389,11 @@ class _Run:
         """
         import tensorflow as tf
 
-        from nvae_tf.training.distribute import sum_over_workers, worker_id
         from nvae_tf.inference.likelihood import bits_per_dim
+        from nvae_tf.training.distribute import sum_over_workers, worker_id
 
         if self._score is None:
+
             @tf.function(reduce_retracing=True)
             def score(x, seed):
                 out = model(x, training=False, seed=seed)
@@ -352,26 +410,38 @@ class _Run:
         if self.multi_worker:
             total, count = sum_over_workers(self.strategy, [total, float(count)])
         nelbo = total / count
-        return {"nelbo": nelbo, "bpd": bits_per_dim(nelbo, self.config.num_output_dims),
-                "images": int(count)}
+        return {
+            "nelbo": nelbo,
+            "bpd": bits_per_dim(nelbo, self.config.num_output_dims),
+            "images": int(count),
+        }
 
     # --- reporting ----------------------------------------------------------------------
     def _announce(self, restored, step, stop_at, total):
         c, spe = self.config, self.steps_per_epoch
-        where = (f"resuming {self.out_dir} from {os.path.basename(restored)} (step {step})"
-                 if restored else f"training into {self.out_dir}")
-        print(f"{where}: {c.dataset}, {self.num_train} train / {self.num_test} test images, "
-              f"global batch {self.global_batch} ({self.strategy.num_replicas_in_sync} "
-              f"replica(s)), {spe} steps/epoch, {c.epochs} epochs = {total} steps"
-              + (f", stopping at step {stop_at}" if stop_at < total else ""))
+        where = (
+            f"resuming {self.out_dir} from {os.path.basename(restored)} (step {step})"
+            if restored
+            else f"training into {self.out_dir}"
+        )
+        print(
+            f"{where}: {c.dataset}, {self.num_train} train / {self.num_test} test images, "
+            f"global batch {self.global_batch} ({self.strategy.num_replicas_in_sync} "
+            f"replica(s)), {spe} steps/epoch, {c.epochs} epochs = {total} steps"
+            + (f", stopping at step {stop_at}" if stop_at < total else "")
+        )
 
     def _report(self, result, seconds):
         spe = self.steps_per_epoch
-        print(f"step {result['step']} (epoch {result['step'] / spe:.2f} of {self.config.epochs})"
-              f", {result['skipped_steps']} skipped step(s), {seconds:.0f} s")
-        print(f"held-out ELBO on {result['test_images']} test images: "
-              f"{-result['test_nelbo']:.2f} nats/image, {result['test_bpd']:.4f} bits/dim "
-              f"(negative ELBO {result['test_nelbo']:.2f} nats)")
+        print(
+            f"step {result['step']} (epoch {result['step'] / spe:.2f} of {self.config.epochs})"
+            f", {result['skipped_steps']} skipped step(s), {seconds:.0f} s"
+        )
+        print(
+            f"held-out ELBO on {result['test_images']} test images: "
+            f"{-result['test_nelbo']:.2f} nats/image, {result['test_bpd']:.4f} bits/dim "
+            f"(negative ELBO {result['test_nelbo']:.2f} nats)"
+        )
         print(f"run directory: {self.out_dir}")
 
 
@@ -446,5 +516,7 @@ class _StopOnSignal:
         if self.signal:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal}: stopping after this step (send it again to abort at once)",
-              file=sys.stderr)
+        print(
+            f"\n{self.signal}: stopping after this step (send it again to abort at once)",
+            file=sys.stderr,
+        )

@@ -3,6 +3,7 @@
 ``loss = mean_b(recon_b + balanced_KL_b) + lambda * (spectral_sum + bn_max_gamma_sum)``, with
 ``beta`` the KL warm-up coefficient and ``lambda`` fixed or annealed with ``beta``.
 """
+
 import tensorflow as tf
 
 from nvae_tf.training.kl_balancing import balance_coefficients, balanced_kl
@@ -21,21 +22,25 @@ class Objective:
     def __init__(self, config, total_steps):
         self.config = config
         self.total_steps = int(total_steps)
-        self.alpha = (balance_coefficients(config.groups_per_scale) if config.kl_balance
-                      else None)
+        self.alpha = balance_coefficients(config.groups_per_scale) if config.kl_balance else None
 
     def __call__(self, model, outputs, x, step):
         c = self.config
         recon = -outputs["decoder"].log_prob(x)
         kl = outputs["kl"]
-        beta = kl_coefficient(step, self.total_steps, c.kl_anneal_portion,
-                              c.kl_const_portion, c.kl_const_coeff)
-        reg_weight = regularizer_weight(beta, c.weight_decay_norm, c.weight_decay_norm_anneal,
-                                        c.weight_decay_norm_init)
+        beta = kl_coefficient(
+            step, self.total_steps, c.kl_anneal_portion, c.kl_const_portion, c.kl_const_coeff
+        )
+        reg_weight = regularizer_weight(
+            beta, c.weight_decay_norm, c.weight_decay_norm_anneal, c.weight_decay_norm_init
+        )
         spectral = model.spectral_regularizer() if c.weight_decay_norm > 0 else tf.zeros([])
-        bn = batchnorm_penalty(model.batchnorm_layers()) if c.weight_decay_norm > 0 else tf.zeros([])
-        loss = (tf.reduce_mean(recon + balanced_kl(kl, beta, self.alpha))
-                + reg_weight * (spectral + bn))
+        bn = (
+            batchnorm_penalty(model.batchnorm_layers()) if c.weight_decay_norm > 0 else tf.zeros([])
+        )
+        loss = tf.reduce_mean(recon + balanced_kl(kl, beta, self.alpha)) + reg_weight * (
+            spectral + bn
+        )
         return {
             "loss": loss,
             "nelbo": tf.reduce_mean(recon + tf.reduce_sum(kl, axis=1)),

@@ -9,6 +9,7 @@ It also sums the gradients over replicas BEFORE clipping: Keras clips each repli
 gradient and sums afterwards, so ``global_clipnorm`` would act on the wrong norm under
 ``tf.distribute`` and results would depend on the number of replicas.
 """
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -40,11 +41,14 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         ``global_clipnorm``, ``use_ema``, ``ema_momentum``, ``name``, ...).
     """
 
-    def __init__(self, learning_rate=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-3,
-                 l2_decay=3e-4, **kwargs):
+    def __init__(
+        self, learning_rate=1e-2, beta_1=0.9, beta_2=0.999, epsilon=1e-3, l2_decay=3e-4, **kwargs
+    ):
         if kwargs.pop("weight_decay", None) is not None:
-            raise ValueError("NVAEAdamax uses coupled L2 decay: pass `l2_decay`, not the base "
-                             "class's decoupled `weight_decay`.")
+            raise ValueError(
+                "NVAEAdamax uses coupled L2 decay: pass `l2_decay`, not the base "
+                "class's decoupled `weight_decay`."
+            )
         kwargs.setdefault("name", "nvae_adamax")
         super().__init__(learning_rate=learning_rate, weight_decay=None, **kwargs)
         self.beta_1 = beta_1
@@ -89,14 +93,21 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         m = self._m[index]
         u = self._u[index]
         self.assign(m, ops.add(ops.multiply(b1, m), ops.multiply(1.0 - b1, g)))
-        self.assign(u, ops.maximum(ops.multiply(b2, u),
-                                   ops.add(ops.abs(g), ops.cast(self.epsilon, dtype))))
+        self.assign(
+            u, ops.maximum(ops.multiply(b2, u), ops.add(ops.abs(g), ops.cast(self.epsilon, dtype)))
+        )
         step_size = ops.divide(lr, ops.subtract(1.0, ops.power(b1, t)))
         self.assign_sub(variable, ops.multiply(step_size, ops.divide(m, u)))
 
     def get_config(self):
         config = super().get_config()
         config.pop("weight_decay", None)
-        config.update({"beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon,
-                       "l2_decay": self.l2_decay})
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "l2_decay": self.l2_decay,
+            }
+        )
         return config

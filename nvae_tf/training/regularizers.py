@@ -10,6 +10,7 @@ Distribution: ``u``, ``v`` and the ``initialized`` flag are ``ON_READ`` variable
 (no cross-replica communication); the copies stay identical because the kernels are mirrored,
 and a read in cross-replica context (checkpointing) takes replica 0's value.
 """
+
 import keras
 import tensorflow as tf
 
@@ -94,9 +95,16 @@ class SpectralRegularizer(keras.layers.Layer):
 
     @staticmethod
     def _state(name, shape, initializer="random_normal", dtype="float32"):
-        return keras.Variable(keras.initializers.get(initializer), shape=shape, dtype=dtype,
-                              trainable=False, autocast=False, synchronization="on_read",
-                              aggregation="only_first_replica", name=name)
+        return keras.Variable(
+            keras.initializers.get(initializer),
+            shape=shape,
+            dtype=dtype,
+            trainable=False,
+            autocast=False,
+            synchronization="on_read",
+            aggregation="only_first_replica",
+            name=name,
+        )
 
     def __call__(self):
         # Keras' Layer.__call__ insists on one argument; pass a placeholder None so the call
@@ -104,13 +112,13 @@ class SpectralRegularizer(keras.layers.Layer):
         return super().__call__(None)
 
     def call(self, _unused):
-        iters = tf.where(tf.convert_to_tensor(self.initialized), self.num_power_iter,
-                         10 * self.num_power_iter)
+        iters = tf.where(
+            tf.convert_to_tensor(self.initialized), self.num_power_iter, 10 * self.num_power_iter
+        )
         total = tf.constant(0.0, tf.float32)
         for idx, u_var, v_var in zip(self._groups, self.u_vars, self.v_vars):
             # w_t: (layers, cols, rows) = W^T, so W^T u = w_t u and W v = w_t^T v.
-            w_t = tf.stack([tf.cast(self._convs.items[i].kernel_matrix(), tf.float32)
-                            for i in idx])
+            w_t = tf.stack([tf.cast(self._convs.items[i].kernel_matrix(), tf.float32) for i in idx])
             w_const = tf.stop_gradient(w_t)
 
             def step(i, u, v, w_const=w_const):
@@ -118,9 +126,11 @@ class SpectralRegularizer(keras.layers.Layer):
                 u = _normalize(tf.linalg.matvec(w_const, v, transpose_a=True))
                 return i + 1, u, v
 
-            _, u, v = tf.while_loop(lambda i, u, v: i < iters, step,
-                                    (tf.constant(0), tf.convert_to_tensor(u_var),
-                                     tf.convert_to_tensor(v_var)))
+            _, u, v = tf.while_loop(
+                lambda i, u, v: i < iters,
+                step,
+                (tf.constant(0), tf.convert_to_tensor(u_var), tf.convert_to_tensor(v_var)),
+            )
             u_var.assign(u)
             v_var.assign(v)
             u, v = tf.stop_gradient(u), tf.stop_gradient(v)
@@ -134,6 +144,9 @@ class SpectralRegularizer(keras.layers.Layer):
 
 def batchnorm_penalty(bn_layers):
     """``sum over BN layers of max_c |gamma_c|`` (float32); layers without a scale are skipped."""
-    terms = [tf.reduce_max(tf.abs(tf.cast(layer.gamma, tf.float32)))
-             for layer in bn_layers if getattr(layer, "gamma", None) is not None]
+    terms = [
+        tf.reduce_max(tf.abs(tf.cast(layer.gamma, tf.float32)))
+        for layer in bn_layers
+        if getattr(layer, "gamma", None) is not None
+    ]
     return tf.add_n(terms) if terms else tf.constant(0.0, tf.float32)

@@ -4,6 +4,7 @@ All take the global step (the per-replica iteration count, 0-based, as the origi
 ``global_step``) and are written with TF ops so they work on a step variable inside
 ``tf.function``.
 """
+
 import math
 
 import keras
@@ -30,8 +31,7 @@ class NVAELearningRate(keras.optimizers.schedules.LearningRateSchedule):
     5.8's formula with ``lr_max`` in place of ``lr_0`` is the approximation (relative gap 1/WI).
     """
 
-    def __init__(self, learning_rate, learning_rate_min, warmup_epochs, epochs,
-                 steps_per_epoch):
+    def __init__(self, learning_rate, learning_rate_min, warmup_epochs, epochs, steps_per_epoch):
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.learning_rate = float(learning_rate)
@@ -61,11 +61,13 @@ class NVAELearningRate(keras.optimizers.schedules.LearningRateSchedule):
         return tf.cast(lr, tf.float32)
 
     def get_config(self):
-        return {"learning_rate": self.learning_rate,
-                "learning_rate_min": self.learning_rate_min,
-                "warmup_epochs": self.warmup_epochs,
-                "epochs": self.epochs,
-                "steps_per_epoch": self.steps_per_epoch}
+        return {
+            "learning_rate": self.learning_rate,
+            "learning_rate_min": self.learning_rate_min,
+            "warmup_epochs": self.warmup_epochs,
+            "epochs": self.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
 
 
 def kl_coefficient(step, total_steps, anneal_portion=0.3, const_portion=1e-4, min_coeff=1e-4):

@@ -21,6 +21,7 @@ trains each trial as an ``nvae-train`` run directory ``DIR/trials/<trial_id>``, 
 keras-tuner's resumable state in ``DIR/keras_tuner`` and rewrites ``DIR/trials.csv`` and
 ``DIR/best_config.yaml`` after every trial.
 """
+
 import csv
 import dataclasses
 import math
@@ -32,9 +33,9 @@ import keras
 import keras_tuner
 import tensorflow as tf
 
-from nvae_tf.run_dir import config_path
 from nvae_tf.config import ConfigError, NVAEConfig, _coerce, read_yaml
 from nvae_tf.data import DataError
+from nvae_tf.run_dir import config_path
 
 OBJECTIVE = "test_bpd"  # held-out negative ELBO, bits/dim (lower is better): train()'s key
 TUNERS = ("random", "bayesian", "hyperband")
@@ -44,7 +45,7 @@ TRIALS_CSV = "trials.csv"
 BEST_CONFIG = "best_config.yaml"
 MAX_CONSECUTIVE_FAILURES = 5
 HYPERBAND_MAX_EPOCHS = 9  # Hyperband budget units: a trial of tuner/epochs e trains
-HYPERBAND_FACTOR = 3      # ceil(steps_per_trial * e / 9) steps, so rungs are 1/9, 1/3 and 1
+HYPERBAND_FACTOR = 3  # ceil(steps_per_trial * e / 9) steps, so rungs are 1/9, 1/3 and 1
 TIED = {
     "num_channels": ("num_channels_enc", "num_channels_dec"),
     "num_cell_per_cond": ("num_cell_per_cond_enc", "num_cell_per_cond_dec"),
@@ -100,20 +101,24 @@ def parse_search_space(values):
     """Check a search-space mapping and return its ``Param``s (in file order)."""
     types = _field_types()
     if not isinstance(values, dict) or not values:
-        raise SearchSpaceError("search space must be a non-empty mapping of config field: "
-                               "{choice: [...]} | {range: [lo, hi]} | {log_range: [lo, hi]}")
+        raise SearchSpaceError(
+            "search space must be a non-empty mapping of config field: "
+            "{choice: [...]} | {range: [lo, hi]} | {log_range: [lo, hi]}"
+        )
     unknown = [k for k in values if k not in types and k not in TIED]
     if unknown:
         raise SearchSpaceError(
             f"unknown search space key(s) {', '.join(map(str, unknown))}; valid keys are "
-            f"{', '.join(list(TIED) + list(types))}")
+            f"{', '.join(list(TIED) + list(types))}"
+        )
     params, claimed = [], {}
     for name, spec in values.items():
         fields = TIED.get(name, (name,))
         for field in fields:
             if field in claimed:
-                raise SearchSpaceError(f"search space keys {claimed[field]!r} and {name!r} both "
-                                       f"set {field}")
+                raise SearchSpaceError(
+                    f"search space keys {claimed[field]!r} and {name!r} both set {field}"
+                )
             claimed[field] = name
         params.append(_parse_param(name, fields, spec, _base_type(types[fields[0]])))
     return tuple(params)
@@ -124,8 +129,10 @@ def _parse_param(name, fields, spec, hint):
         raise SearchSpaceError(f"search space key {name!r}: {message}")
 
     if not isinstance(spec, dict) or len(set(spec) & set(KINDS)) != 1:
-        fail("expected exactly one of {choice: [...]}, {range: [lo, hi]}, {log_range: [lo, hi]}; "
-             f"got {spec!r}")
+        fail(
+            "expected exactly one of {choice: [...]}, {range: [lo, hi]}, {log_range: [lo, hi]}; "
+            f"got {spec!r}"
+        )
     kind = next(k for k in KINDS if k in spec)
     extra = set(spec) - {kind} - ({"step"} if kind == "range" else set())
     if extra:
@@ -214,8 +221,10 @@ class NVAEHyperModel(keras_tuner.HyperModel):
         # Under float32/bfloat16 a skipped step means a non-finite loss or gradients; under
         # mixed_float16, dynamic loss scaling also skips overflowing steps on healthy runs.
         if result["skipped_steps"] and config.precision != "mixed_float16":
-            raise failed(f"diverged: {result['skipped_steps']} of {result['step']} steps had a "
-                         "non-finite loss or gradients (skipped)")
+            raise failed(
+                f"diverged: {result['skipped_steps']} of {result['step']} steps had a "
+                "non-finite loss or gradients (skipped)"
+            )
         return {OBJECTIVE: bpd, "test_nelbo": float(result["test_nelbo"])}
 
 
@@ -237,8 +246,9 @@ class NVAETuner(keras_tuner.Tuner):
 
     def __init__(self, oracle, hypermodel, directory, steps_per_trial):
         self.steps_per_trial = int(steps_per_trial)
-        super().__init__(oracle, hypermodel, directory=directory, project_name=PROJECT,
-                         overwrite=False)
+        super().__init__(
+            oracle, hypermodel, directory=directory, project_name=PROJECT, overwrite=False
+        )
 
     def _populate_initial_space(self):
         # keras-tuner also builds the default point here to find conditional parameters. The
@@ -279,8 +289,10 @@ class NVAETuner(keras_tuner.Tuner):
             failed = self.oracle.trials[trial_id].status == "FAILED"
             streak = streak + 1 if failed else 0
         if streak >= MAX_CONSECUTIVE_FAILURES:
-            raise TuningError(f"search stopped: the last {streak} trials failed (last: "
-                              f"{failure_reason(trial.message)})")
+            raise TuningError(
+                f"search stopped: the last {streak} trials failed (last: "
+                f"{failure_reason(trial.message)})"
+            )
 
     def write_results(self):
         """Write ``trials.csv`` (all trials, best first) and, once a trial completed, the best
@@ -295,21 +307,27 @@ class NVAETuner(keras_tuner.Tuner):
 
 def make_tuner(kind, hypermodel, directory, *, max_trials, steps_per_trial, seed):
     """An ``NVAETuner`` with the ``kind`` oracle, resuming the search saved in ``directory``."""
-    common = dict(objective=keras_tuner.Objective(OBJECTIVE, direction="min"), seed=seed,
-                  max_consecutive_failed_trials=None)  # checked in NVAETuner.on_trial_end
+    common = dict(
+        objective=keras_tuner.Objective(OBJECTIVE, direction="min"),
+        seed=seed,
+        max_consecutive_failed_trials=None,
+    )  # checked in NVAETuner.on_trial_end
     if kind == "random":
         oracle = keras_tuner.oracles.RandomSearchOracle(max_trials=max_trials, **common)
     elif kind == "bayesian":
         try:
-            oracle = keras_tuner.oracles.BayesianOptimizationOracle(max_trials=max_trials,
-                                                                    **common)
+            oracle = keras_tuner.oracles.BayesianOptimizationOracle(max_trials=max_trials, **common)
         except ImportError:
-            raise TuningError("--tuner bayesian needs scipy and scikit-learn: "
-                              "pip install scipy scikit-learn") from None
+            raise TuningError(
+                "--tuner bayesian needs scipy and scikit-learn: pip install scipy scikit-learn"
+            ) from None
     elif kind == "hyperband":
         oracle = keras_tuner.oracles.HyperbandOracle(
-            max_epochs=HYPERBAND_MAX_EPOCHS, factor=HYPERBAND_FACTOR,
-            hyperband_iterations=None, **common)  # as many brackets as max_trials allows
+            max_epochs=HYPERBAND_MAX_EPOCHS,
+            factor=HYPERBAND_FACTOR,
+            hyperband_iterations=None,
+            **common,
+        )  # as many brackets as max_trials allows
         oracle.max_trials = max_trials  # HyperbandOracle has no argument for it
     else:
         raise TuningError(f"tuner must be one of {', '.join(TUNERS)}; got {kind!r}")
@@ -334,9 +352,12 @@ def trial_table(tuner):
     for trial in tuner.oracle.trials.values():
         values = trial.hyperparameters.values
         done = trial.status == "COMPLETED"
-        row = {"trial_id": trial.trial_id, "status": trial.status,
-               OBJECTIVE: float(trial.score) if done else None,
-               "steps": trial_steps(values, tuner.steps_per_trial)}
+        row = {
+            "trial_id": trial.trial_id,
+            "status": trial.status,
+            OBJECTIVE: float(trial.score) if done else None,
+            "steps": trial_steps(values, tuner.steps_per_trial),
+        }
         row.update({p.name: values.get(p.name) for p in tuner.hypermodel.params})
         row["reason"] = failure_reason(trial.message) if trial.status == "FAILED" else ""
         rows.append(row)
@@ -357,8 +378,10 @@ def _write_csv(rows, f):
         return
     writer = csv.DictWriter(f, list(rows[0]))
     writer.writeheader()
-    writer.writerows({k: "" if v is None else repr(v) if isinstance(v, float) else v
-                      for k, v in row.items()} for row in rows)
+    writer.writerows(
+        {k: "" if v is None else repr(v) if isinstance(v, float) else v for k, v in row.items()}
+        for row in rows
+    )
 
 
 def _atomic_write(path, write):
