@@ -2,8 +2,10 @@
 
 import argparse
 import functools
+import json
 import os
 import sys
+import time
 
 
 def quiet_tensorflow():
@@ -48,6 +50,25 @@ def add_config_args(parser):
     )
 
 
+def add_checkpoint_arg(parser):
+    """``--checkpoint RUN``: the run directory the evaluation and sampling tools read."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN",
+        help="run directory written by nvae-train (its latest checkpoint is used)",
+    )
+
+
+def report_result(result, report, json_path=None):
+    """Print a JSON-ready ``result`` with ``report`` and, with ``--json FILE``, write it."""
+    report(result)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
 def load_config(args):
     from nvae_tf.config import NVAEConfig
 
@@ -67,3 +88,26 @@ def positive_int(text):
 
 def parser(description):
     return argparse.ArgumentParser(description=description)
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal)."""
+
+    def __init__(self, total, width=30, label=""):
+        self.total, self.width, self.start = total, width, time.time()
+        self.label = label
+        self.live = sys.stderr.isatty()
+
+    def __call__(self, done):
+        if not self.live and done < self.total:
+            return
+        filled = int(self.width * min(done / max(self.total, 1), 1.0))
+        rate = done / max(time.time() - self.start, 1e-9)
+        end = "\n" if done >= self.total else ""
+        print(
+            f"\r{self.label}[{'=' * filled}{' ' * (self.width - filled)}] {done}/{self.total} images "
+            f"{rate:.1f} img/s",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )

@@ -8,33 +8,14 @@ crop, D = 784), KL per latent group and the number of active latent channels (KL
 Batches are split over all GPUs when there are several (``--batch-size`` is per device).
 """
 
-import json
-import sys
-import time
-
-from trainers.cli import UserError, entry_point, parser
-
-
-class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal)."""
-
-    def __init__(self, total, width=30):
-        self.total, self.width, self.start = total, width, time.time()
-        self.live = sys.stderr.isatty()
-
-    def __call__(self, done):
-        if not self.live and done < self.total:
-            return
-        filled = int(self.width * min(done / max(self.total, 1), 1.0))
-        rate = done / max(time.time() - self.start, 1e-9)
-        end = "\n" if done >= self.total else ""
-        print(
-            f"\r[{'=' * filled}{' ' * (self.width - filled)}] {done}/{self.total} images "
-            f"{rate:.1f} img/s",
-            end=end,
-            file=sys.stderr,
-            flush=True,
-        )
+from trainers.cli import (
+    Progress,
+    UserError,
+    add_checkpoint_arg,
+    entry_point,
+    parser,
+    report_result,
+)
 
 
 def _positive(name, value):
@@ -102,12 +83,7 @@ def report(result):
 @entry_point
 def main(argv=None):
     p = parser("Importance-weighted NLL / ELBO of a trained NVAE run.")
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN",
-        help="run directory written by nvae-train (its latest checkpoint is used)",
-    )
+    add_checkpoint_arg(p)
     p.add_argument(
         "--num-iw-samples",
         type=int,
@@ -134,12 +110,7 @@ def main(argv=None):
     )
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     args = p.parse_args(argv)
-    result = run(args)
-    report(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    return report_result(run(args), report, args.json)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ without nvae_tf installed.
 
 import os
 
-from trainers.cli import UserError, entry_point, parser
+from trainers.cli import UserError, add_checkpoint_arg, entry_point, parser
 
 
 @entry_point
@@ -17,12 +17,7 @@ def main(argv=None):
     p = parser(
         "Export a trained NVAE run as a SavedModel (sample, reconstruct, encode, log_likelihood)."
     )
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN",
-        help="run directory written by nvae-train (its latest checkpoint is used)",
-    )
+    add_checkpoint_arg(p)
     p.add_argument("--out", required=True, metavar="DIR", help="SavedModel folder to write")
     p.add_argument(
         "--max-images-per-pass",

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from trainers.cli import UserError, entry_point, parser
+from trainers.cli import UserError, add_checkpoint_arg, entry_point, parser
 
 
 def load_images(paths, config, seed):
@@ -67,8 +67,60 @@ def _interleave(originals, reconstructions, columns):
     return np.stack(grids, axis=1).reshape(2 * rows, columns, *originals.shape[1:])
 
 
-def run(args):
+def readjust_bn(model, args, checkpoint):
+    """``--readjust-bn``: re-adjusted BN statistics at ``args.temperature``, stored for reuse."""
     from nvae_tf.inference import bn_readjust, sampling
+
+    print(
+        f"batch-norm statistics for temperature {args.temperature:g}: ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        reused = bn_readjust.load_or_readjust(
+            model,
+            args.checkpoint,
+            args.temperature,
+            checkpoint,
+            args.bn_passes,
+            args.bn_batch_size,
+            args.seed,
+        )
+    except sampling.NonFiniteSamplesError as e:
+        raise UserError(str(e)) from None
+    print(
+        f"{'reused' if reused else 're-adjusted and stored'} "
+        f"({bn_readjust.store_path(args.checkpoint, args.temperature)})",
+        file=sys.stderr,
+    )
+
+
+def add_bn_args(p):
+    """``--readjust-bn``, ``--bn-passes`` and ``--bn-batch-size``."""
+    from nvae_tf.inference.bn_readjust import DEFAULT_BATCH_SIZE, DEFAULT_PASSES
+
+    p.add_argument(
+        "--readjust-bn",
+        action="store_true",
+        help="re-estimate decoder BN statistics at the temperature (stored for reuse)",
+    )
+    p.add_argument(
+        "--bn-passes",
+        type=int,
+        default=DEFAULT_PASSES,
+        help=f"BN re-adjustment sampling passes (default {DEFAULT_PASSES}, as the original)",
+    )
+    p.add_argument(
+        "--bn-batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"samples per BN re-adjustment pass (default {DEFAULT_BATCH_SIZE})",
+    )
+
+
+def run(args):
+    from nvae_tf.inference import sampling
     from nvae_tf.inference.image_grid import save_grid
     from nvae_tf.run_dir import latest_checkpoint, load_run_config, restore_model
 
@@ -90,29 +142,7 @@ def run(args):
     images = load_images(args.reconstruct, config, args.seed) if args.reconstruct else None
     model = restore_model(args.checkpoint, config=config)
     if args.readjust_bn:
-        print(
-            f"batch-norm statistics for temperature {args.temperature:g}: ",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
-        try:
-            reused = bn_readjust.load_or_readjust(
-                model,
-                args.checkpoint,
-                args.temperature,
-                checkpoint,
-                args.bn_passes,
-                args.bn_batch_size,
-                args.seed,
-            )
-        except sampling.NonFiniteSamplesError as e:
-            raise UserError(str(e)) from None
-        print(
-            f"{'reused' if reused else 're-adjusted and stored'} "
-            f"({bn_readjust.store_path(args.checkpoint, args.temperature)})",
-            file=sys.stderr,
-        )
+        readjust_bn(model, args, checkpoint)
     out = args.out or os.path.join(args.checkpoint, "samples")
     os.makedirs(out, exist_ok=True)
     columns = args.columns or math.ceil(math.sqrt(args.num))
@@ -152,15 +182,8 @@ def run(args):
 
 @entry_point
 def main(argv=None):
-    from nvae_tf.inference.bn_readjust import DEFAULT_BATCH_SIZE, DEFAULT_PASSES
-
     p = parser("Sample, reconstruct and draw fixed-top-scale grids from a trained NVAE run.")
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="RUN",
-        help="run directory written by nvae-train (its latest checkpoint is used)",
-    )
+    add_checkpoint_arg(p)
     p.add_argument("--num", type=int, default=64, help="images per grid (default 64)")
     p.add_argument(
         "--temperature",
@@ -181,23 +204,7 @@ def main(argv=None):
     p.add_argument("--out", help="output folder (default RUN/samples)")
     p.add_argument("--npy", action="store_true", help="also save each grid's images as .npy")
     p.add_argument("--columns", type=int, help="grid width (default ceil(sqrt(num)))")
-    p.add_argument(
-        "--readjust-bn",
-        action="store_true",
-        help="re-estimate decoder BN statistics at the temperature (stored for reuse)",
-    )
-    p.add_argument(
-        "--bn-passes",
-        type=int,
-        default=DEFAULT_PASSES,
-        help=f"BN re-adjustment sampling passes (default {DEFAULT_PASSES}, as the original)",
-    )
-    p.add_argument(
-        "--bn-batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        help=f"samples per BN re-adjustment pass (default {DEFAULT_BATCH_SIZE})",
-    )
+    add_bn_args(p)
     p.add_argument(
         "--fix-top-scales",
         type=int,

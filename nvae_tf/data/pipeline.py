@@ -130,3 +130,18 @@ def load_dataset(
     options = tf.data.Options()
     options.deterministic = config.deterministic_data
     return ds.with_options(options)
+
+
+def load_raw_images(config, split, batch_size, num_images=None):
+    """The ``split``'s uint8 images in fixed order, before flips, binarization or bit reduction.
+
+    The dataset's own pixels (MNIST padded to 32x32, CelebA 64 cropped and resized, as for
+    training), batched; FID compares samples with these. ``num_images`` keeps the first ones.
+    """
+    _check_split(split)
+    source = _source(config, split, None, shuffle=False, seed=config.seed)
+    noise = tf.data.Dataset.random(seed=config.seed)  # unused: decoders take (raw, seed)
+    ds = source.decode(tf.data.Dataset.zip(source.elements, noise)).map(lambda image, _: image)
+    if num_images is not None:
+        ds = ds.take(num_images)
+    return ds.batch(batch_size).prefetch(AUTOTUNE)
