@@ -16,6 +16,7 @@ import tensorflow_probability as tfp
 
 from nvae_tf.config import CHANNEL_MULT, NVAEConfig
 from nvae_tf.distributions import CroppedBernoulli, DiscretizedLogisticMixture
+from nvae_tf.inference import latent_space
 from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.layers.latent_group import LatentGroup
@@ -170,8 +171,8 @@ class NVAE(CheckpointListsMixin, keras.Model):
         """
         x = self.check_images(x)
         seed = self.stateless_seed(seed)
-        features = self._bottom_up(x, training)
-        s = self._initial_state(tf.shape(x)[0])
+        features = self.bottom_up(x, training)
+        s = self.initial_state(tf.shape(x)[0])
         groups = []
         for group in self.groups:
             s = self._run(group.cells, s, training)
@@ -179,7 +180,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
                 s, features[-1 - group.index], _fold(seed, group.index), training=training
             )
             groups.append(group_output)
-        logits = self._top_down_output(s, training)
+        logits = self.output_logits(s, training)
         return NVAEOutput(
             output_distribution=self.output_distribution(logits),
             logits=logits,
@@ -191,7 +192,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
             posterior_stddev=[g.posterior_stddev for g in groups],
         )
 
-    def _bottom_up(self, x, training):
+    def bottom_up(self, x, training=False):
         """Encoder features, one per latent group, bottom-up order (last = final feature)."""
         s = self.stem(tf.cast(2.0 * x - 1.0, self.compute_dtype))
         s = self._run(self.preprocess, s, training)
@@ -202,11 +203,13 @@ class NVAE(CheckpointListsMixin, keras.Model):
             start = end
         return features
 
-    def _initial_state(self, batch_size):
+    def initial_state(self, batch_size):
+        """The top-down state before the top group: the learned ``h`` for every image."""
         h = tf.cast(self.h, self.compute_dtype)[None]
         return tf.tile(h, [batch_size, 1, 1, 1])
 
-    def _top_down_output(self, s, training):
+    def output_logits(self, s, training=False):
+        """Parameters of p(x | z) from the top-down state after the last group."""
         s = self._run(self.postprocess, s, training)
         return tf.cast(self.output_conv(tf.nn.elu(s)), tf.float32)
 
@@ -255,12 +258,12 @@ class NVAE(CheckpointListsMixin, keras.Model):
         """
         seed = self.stateless_seed(seed)
         fixed_seed = self.stateless_seed(fixed_seed) if num_fixed_groups else seed
-        s = self._initial_state(num_samples)
+        s = self.initial_state(num_samples)
         for group in self.groups:
             s = run_cells(group.cells, s, training=training)
             group_seed = fixed_seed if group.index < num_fixed_groups else seed
             s = group.sample(s, _fold(group_seed, group.index), temperature)
-        return self.output_distribution(self._top_down_output(s, training), decoder_temperature)
+        return self.output_distribution(self.output_logits(s, training), decoder_temperature)
 
     def sample(
         self, num_samples, temperature=1.0, decoder_temperature=1.0, training=False, seed=None
@@ -272,10 +275,17 @@ class NVAE(CheckpointListsMixin, keras.Model):
         )
         return _images(decoder, _fold(seed, -1))
 
-    def encode(self, x, seed=None):
-        """Per-group posterior (means, stddevs), top group first, from one posterior pass."""
-        out = self(x, training=False, seed=seed)
-        return out.posterior_mean, out.posterior_stddev
+    def encode(self, x, sample=False, seed=None):
+        """Per group, top first: posterior mean, stddev and latent z (``latent_space.encode``)."""
+        return latent_space.encode(self, x, sample, seed)
+
+    def decode(self, latents, temperature=1.0, seed=None, num_samples=None):
+        """Images from given z, other groups from the prior (``latent_space.decode``)."""
+        return latent_space.decode(self, latents, temperature, seed, num_samples)
+
+    def interpolate(self, x_a, x_b, num_steps=8):
+        """Decoded path between two images' latents (``latent_space.interpolate``)."""
+        return latent_space.interpolate(self, x_a, x_b, num_steps)
 
     def reconstruct(self, x, seed=None):
         """Decode the posterior sample of ``x`` (Bernoulli means / mixture samples)."""

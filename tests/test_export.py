@@ -1,4 +1,4 @@
-"""nvae-export: the SavedModel loads without nvae_tf, serves all four signatures with the
+"""nvae-export: the SavedModel loads without nvae_tf, serves all five signatures with the
 library's numbers and refuses bad inputs with clear messages."""
 
 import json
@@ -18,7 +18,7 @@ from nvae_tf.inference.serving import SERVING_SEED, SIGNATURES
 from nvae_tf.run_dir import restore_model
 from trainers import export as export_cli
 
-pytestmark = pytest.mark.slow  # one export (tracing four graphs) and two fresh processes
+pytestmark = pytest.mark.slow  # one export (tracing five graphs) and two fresh processes
 
 # Runs in a fresh interpreter: TensorFlow only, no nvae_tf.
 SERVE = textwrap.dedent("""
@@ -38,7 +38,18 @@ SERVE = textwrap.dedent("""
     }
     ll = sig["log_likelihood"](images=x, num_samples=tf.constant(5))
     out.update(log_likelihood=ll["log_likelihood"], bits_per_dim=ll["bits_per_dim"])
-    out.update({"encode_" + k: v for k, v in sig["encode"](images=x).items()})
+    encoded = sig["encode"](images=x)
+    out.update({"encode_" + k: v for k, v in encoded.items()})
+    # Latent arithmetic without nvae_tf: the top group of image 0 with the rest of image 1.
+    num_groups = sum(k.startswith("z_") for k in encoded)
+    mixed = {f"z_{l}": encoded[f"z_{l}"][0 if l == 0 else 1][None] for l in range(num_groups)}
+    decode = sig["decode"]
+    out["decode_mixed"] = decode(**mixed, num_kept_groups=tf.constant(num_groups),
+                                 temperature=tf.constant(1.0), seed=tf.constant(0, tf.int64))["images"]
+    latents = {f"z_{l}": encoded[f"z_{l}"] for l in range(num_groups)}
+    out["decode_attr"] = loaded.decode(*latents.values(), num_groups, 1.0, 0)["images"]
+    out["decode_kept1"] = decode(**latents, num_kept_groups=tf.constant(1),
+                                 temperature=tf.constant(0.5), seed=tf.constant(4, tf.int64))["images"]
     np.savez(work + "/out.npz", **{k: v.numpy() for k, v in out.items()})
 
     gray = tf.fill([2, 32, 32, 1], 0.5)
@@ -54,6 +65,12 @@ SERVE = textwrap.dedent("""
         "zero_samples": lambda: loaded.log_likelihood(x, 0),
         "zero_temperature": lambda: loaded.sample(2, 0.0, 1),
         "zero_count": lambda: loaded.sample(0, 1.0, 1),
+        "too_many_kept": lambda: decode(**latents, num_kept_groups=tf.constant(num_groups + 1),
+                                        temperature=tf.constant(1.0), seed=tf.constant(0, tf.int64)),
+        "wrong_latent_shape": lambda: decode(**{**latents, "z_0": tf.zeros([3, 2, 2, 20])},
+                                             num_kept_groups=tf.constant(1),
+                                             temperature=tf.constant(1.0),
+                                             seed=tf.constant(0, tf.int64)),
     }
     errors = {}
     for name, call in bad.items():
@@ -105,11 +122,17 @@ def test_fresh_process_serves_all_signatures_with_library_numbers(exported, tmp_
     ll = model.log_likelihood(x, 5, 256, seed=SERVING_SEED).numpy()
     np.testing.assert_allclose(out["log_likelihood"], ll, rtol=1e-5)
     np.testing.assert_allclose(out["bits_per_dim"], -ll / (np.log(2) * 784), rtol=1e-5)
-    means, scales = model.encode(x, seed=SERVING_SEED)
-    assert len(means) == run.config.num_groups
-    for index, (mean, scale) in enumerate(zip(means, scales)):
-        np.testing.assert_allclose(out[f"encode_mean_{index}"], mean, atol=1e-5)
-        np.testing.assert_allclose(out[f"encode_scale_{index}"], scale, atol=1e-5)
+    latents = model.encode(x)
+    assert len(latents) == run.config.num_groups
+    for index, group in enumerate(latents):
+        np.testing.assert_allclose(out[f"encode_mean_{index}"], group.mean, atol=1e-5)
+        np.testing.assert_allclose(out[f"encode_scale_{index}"], group.stddev, atol=1e-5)
+        np.testing.assert_allclose(out[f"encode_z_{index}"], group.z, atol=1e-5)
+    mixed = [latents[0].z[:1]] + [group.z[1:2] for group in latents[1:]]
+    np.testing.assert_allclose(out["decode_mixed"], model.decode(mixed), atol=1e-5)
+    np.testing.assert_allclose(out["decode_attr"], model.decode(latents), atol=1e-5)
+    kept = model.decode(latents[:1], temperature=0.5, seed=4)
+    np.testing.assert_allclose(out["decode_kept1"], kept, atol=1e-5)
 
     errors = report["errors"]
     expected = {
@@ -124,6 +147,8 @@ def test_fresh_process_serves_all_signatures_with_library_numbers(exported, tmp_
         "zero_samples": "num_samples must be >= 1",
         "zero_temperature": "temperature must be > 0",
         "zero_count": "num_samples must be >= 1",
+        "too_many_kept": "num_kept_groups must be <= 3",
+        "wrong_latent_shape": "z_0 must have shape (batch, 8, 8, 20)",
     }
     for name, message in expected.items():
         assert errors[name] is not None and message in errors[name], (name, errors[name])
@@ -143,6 +168,14 @@ def test_saved_model_cli_lists_the_signatures(exported):
     for name in SIGNATURES:
         assert f"signature_def['{name}']" in proc.stdout
     assert "inputs['num_samples']" in proc.stdout and "inputs['images']" in proc.stdout
+    # The latent layout: one input per group, top first, (batch, h, w, C_z).
+    decode = proc.stdout.split("signature_def['decode']")[1].split("signature_def[")[0]
+    for name, shape in (
+        ("z_0", "(-1, 8, 8, 20)"),
+        ("z_1", "(-1, 16, 16, 20)"),
+        ("z_2", "(-1, 16, 16, 20)"),
+    ):
+        assert f"inputs['{name}']" in decode and shape in decode
 
 
 def test_export_cli_refuses_a_non_empty_folder(exported, capsys):

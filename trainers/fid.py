@@ -10,7 +10,8 @@ default, or ``test``) or with any image folder. Reference statistics are cached 
 ~/.cache/nvae-tf/fid) and reused while the images and the network stay the same. The network
 is Keras' InceptionV3: its ImageNet weights are downloaded by Keras on first use (internet
 needed once) or read from ``--inception-weights FILE``; the values are not comparable with
-published FIDs, which use the TF-slim Inception graph (see README, "FID").
+published FIDs, which use the 2015 TensorFlow Inception graph of TTUR / pytorch-fid (see
+README, "FID").
 """
 
 import math
@@ -27,7 +28,8 @@ from trainers.cli import (
 from trainers.sample import add_bn_args, readjust_bn
 
 NOT_COMPARABLE = (
-    "(Keras' Inception weights: rank models with it; published FIDs use the TF-slim graph)"
+    "(not comparable with published FIDs, which use the 2015 TensorFlow Inception graph "
+    "of TTUR / pytorch-fid)"
 )
 
 

@@ -4,10 +4,15 @@
                 [--decoder-temperature 1.0] [--mean] [--columns C]
                 [--readjust-bn [--bn-passes 500] [--bn-batch-size 16]]
                 [--fix-top-scales K [K ...]] [--reconstruct IMAGE [IMAGE ...]]
+                [--interpolate A B [--steps 8]] [--traverse GROUP [--steps 8]]
 
 Writes ``samples_t<T>.png``; with ``--fix-top-scales`` a grid per K whose rows share the z of
 the top K scales (paper Fig. 12); with ``--reconstruct`` pairs of rows (inputs, then their
-reconstructions). ``--readjust-bn`` re-estimates the decoder batch-norm statistics at the
+reconstructions); with ``--interpolate`` ``interpolation.png``, a strip from image A to image
+B (A, ``--steps`` decoded points of the linear path between their latent codes, B); with
+``--traverse`` ``traverse_group<G>_t<T>.png``, rows of prior samples whose latent group G
+is redrawn from its prior in every column after the first, all other groups held.
+Interpolations and traversals show decoder means. ``--readjust-bn`` re-estimates the decoder batch-norm statistics at the
 temperature first and stores them under RUN/bn_readjusted/ for the next call.
 """
 
@@ -32,6 +37,12 @@ def load_images(paths, config, seed):
     for index, path in enumerate(paths):
         try:
             with Image.open(path) as image:
+                channels = len([band for band in image.getbands() if band != "A"])
+                if image.mode != "P" and channels != config.image_channels:
+                    raise UserError(
+                        f"{path} has {channels} channel(s) (mode {image.mode}); this model "
+                        f"takes {config.image_channels}-channel ({mode}) images"
+                    )
                 pixels = np.asarray(image.convert(mode), np.uint8).reshape(
                     image.size[1], image.size[0], config.image_channels
                 )
@@ -120,7 +131,7 @@ def add_bn_args(p):
 
 
 def run(args):
-    from nvae_tf.inference import sampling
+    from nvae_tf.inference import latent_space, sampling
     from nvae_tf.inference.image_grid import save_grid
     from nvae_tf.run_dir import latest_checkpoint, load_run_config, restore_model
 
@@ -132,7 +143,14 @@ def run(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.steps < 2:
+        raise UserError(f"--steps must be >= 2, got {args.steps}")
     config = load_run_config(args.checkpoint)
+    if args.traverse is not None and not 0 <= args.traverse < config.num_groups:
+        raise UserError(
+            f"--traverse takes a latent group 0..{config.num_groups - 1} for this model "
+            f"(0 = top), got {args.traverse}"
+        )
     for k in args.fix_top_scales:
         if not 0 <= k <= config.num_latent_scales:
             raise UserError(
@@ -140,6 +158,7 @@ def run(args):
             )
     checkpoint = latest_checkpoint(args.checkpoint)
     images = load_images(args.reconstruct, config, args.seed) if args.reconstruct else None
+    pair = load_images(args.interpolate, config, args.seed) if args.interpolate else None
     model = restore_model(args.checkpoint, config=config)
     if args.readjust_bn:
         readjust_bn(model, args, checkpoint)
@@ -175,6 +194,17 @@ def run(args):
         if images is not None:
             recon = sampling.reconstruct(model, images, seed=args.seed, **common)
             save("reconstructions", _interleave(images.numpy(), recon, columns))
+        if pair is not None:
+            path = model.interpolate(pair[0], pair[1], args.steps)
+            strip = np.concatenate([pair[:1], sampling.check_finite(path, "images"), pair[1:]])
+            save("interpolation", strip, len(strip))
+        if args.traverse is not None:
+            rows = math.ceil(args.num / args.steps)
+            bases = latent_space.prior_latents(model, rows, args.temperature, seed=args.seed)
+            grid = latent_space.traverse(
+                model, bases, args.traverse, args.steps, args.temperature, seed=args.seed
+            )
+            save(f"traverse_group{args.traverse}_{tag}", sampling.check_finite(grid, "images"))
     except sampling.NonFiniteSamplesError as e:
         raise UserError(str(e)) from None
     return written
@@ -182,7 +212,10 @@ def run(args):
 
 @entry_point
 def main(argv=None):
-    p = parser("Sample, reconstruct and draw fixed-top-scale grids from a trained NVAE run.")
+    p = parser(
+        "Sample, reconstruct, interpolate and draw fixed-top-scale and traversal grids from a "
+        "trained NVAE run."
+    )
     add_checkpoint_arg(p)
     p.add_argument("--num", type=int, default=64, help="images per grid (default 64)")
     p.add_argument(
@@ -219,6 +252,24 @@ def main(argv=None):
         default=[],
         metavar="IMAGE",
         help="also reconstruct these image files (PNG/JPEG)",
+    )
+    p.add_argument(
+        "--interpolate",
+        nargs=2,
+        metavar=("A", "B"),
+        help="also draw a strip from image A to image B through latent space",
+    )
+    p.add_argument(
+        "--traverse",
+        type=int,
+        metavar="GROUP",
+        help="also draw a grid varying latent group GROUP (0 = top) with the others held",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=8,
+        help="decoded points of --interpolate, columns of --traverse (default 8)",
     )
     args = p.parse_args(argv)
     for path in run(args):

@@ -5,9 +5,10 @@ features), on images resized to 299x299 (bilinear, no antialiasing, as pytorch-f
 Inception preprocessing (pixels to [-1, 1]). A Gaussian is fitted to each set's features and
 FID is the Fréchet distance between the two, in float64.
 
-The numbers depend on the network's weights: Keras' ImageNet weights are not the TF-slim
-graph of the original TTUR code that pytorch-fid (and the NVAE paper, through it) uses, so
-FIDs from this module rank models but are not comparable with published values. Every result
+The numbers depend on the network's weights: Keras' ImageNet weights are not the 2015
+TensorFlow Inception graph of the original TTUR code that pytorch-fid (and the NVAE paper,
+through it) uses, so FIDs from this module rank models but are not comparable with published
+values. Every result
 names the network that produced it (``InceptionFeatures.description``).
 
 Reference statistics are slow to compute and shared by every model of a dataset, so they are
@@ -195,7 +196,7 @@ def sample_statistics(
 
     @tf.function(reduce_retracing=True)
     def draw(count, batch_seed):
-        decoder = model.prior_decoder(count, temperature, seed=batch_seed)
+        decoder = model.prior_output_distribution(count, temperature, seed=batch_seed)
         return decoder_images(decoder, mean=True)
 
     def batches():

@@ -1,4 +1,4 @@
-"""The exported SavedModel: four signatures that load with plain ``tf.saved_model.load``.
+"""The exported SavedModel: five signatures that load with plain ``tf.saved_model.load``.
 
 Signatures (every input is a named tensor; outputs are dicts):
 
@@ -6,34 +6,45 @@ Signatures (every input is a named tensor; outputs are dicts):
   (N, H, W, C) in [0, 1]; colour images are decoder samples at decoder temperature 1, binary
   images Bernoulli means (as ``NVAE.sample``).
 * ``reconstruct(images: float32)`` -> ``images``: one posterior sample decoded.
-* ``encode(images: float32)`` -> ``mean_<l>`` and ``scale_<l>`` for every latent group l (top
-  group 0 first): posterior means and standard deviations, (B, h_l, w_l, C_z).
+* ``encode(images: float32)`` -> for every latent group l (top group 0 first), each
+  (B, h_l, w_l, C_z): ``mean_<l>`` and ``scale_<l>``, the posterior mean and standard
+  deviation, and ``z_<l>``, the deterministic code that ``decode`` takes (the posterior mean
+  after the group's flows; each group's posterior is conditioned on the codes above it).
+* ``decode(z_0, ..., z_<L-1>: float32, num_kept_groups: int32, temperature: float32,
+  seed: int64)`` -> ``images``: the top-down pass from the given latents, one tensor per
+  group with the shapes ``encode`` returns; groups from ``num_kept_groups`` on are redrawn
+  from the prior at ``temperature`` (``num_kept_groups = L`` uses them all: deterministic).
+  Pixels are the decoder mean (Bernoulli mean; logistic mixture mean for colour).
 * ``log_likelihood(images: float32, num_samples: int32)`` -> ``log_likelihood`` (B,) in nats
   (importance weighted, spec 6) and ``bits_per_dim`` (B,), the NLL in bits per dimension.
 
-``reconstruct``, ``encode`` and ``log_likelihood`` draw their posterior samples from a fixed
-seed (``SERVING_SEED``), so the same batch always gets the same answer; ``sample`` takes the
-seed as input. Inputs are checked in the graph: a wrong shape, a value outside [0, 1] (binary
-models: not 0/1 for ``log_likelihood``), ``num_samples < 1`` or ``temperature <= 0`` fail
-with an InvalidArgumentError naming the problem; a wrong dtype is refused by TensorFlow's
-signature matching, which names the expected TensorSpec.
+``reconstruct`` and ``log_likelihood`` draw their posterior samples from a fixed seed
+(``SERVING_SEED``), so the same batch always gets the same answer; ``encode`` is
+deterministic; ``sample`` and ``decode`` take the seed as input. Inputs are checked in the
+graph: a wrong shape, a value outside [0, 1] (binary models: not 0/1 for
+``log_likelihood``), ``num_samples < 1``, ``temperature <= 0`` or ``num_kept_groups``
+outside 0..L fail with an InvalidArgumentError naming the problem; a wrong dtype or latent
+shape is refused by TensorFlow's signature matching, which names the expected TensorSpec.
 """
 
 import tensorflow as tf
 
+from nvae_tf.inference import latent_space
 from nvae_tf.inference.likelihood import bits_per_dim
+from nvae_tf.inference.sampling import decoder_images
 
 SERVING_SEED = 0
-SIGNATURES = ("sample", "reconstruct", "encode", "log_likelihood")
+SIGNATURES = ("sample", "reconstruct", "encode", "decode", "log_likelihood")
 
 _IMAGES = tf.TensorSpec(None, tf.float32, name="images")  # any rank: checked in the graph
 _COUNT = tf.TensorSpec([], tf.int32, name="num_samples")
 _TEMPERATURE = tf.TensorSpec([], tf.float32, name="temperature")
 _SEED = tf.TensorSpec([], tf.int64, name="seed")
+_NUM_KEPT = tf.TensorSpec([], tf.int32, name="num_kept_groups")
 
 
 class ServingModule(tf.Module):
-    """The four signatures over a trained NVAE; ``max_images_per_pass`` bounds the IW chunks.
+    """The five signatures over a trained NVAE; ``max_images_per_pass`` bounds the IW chunks.
 
     The model is closed over rather than tracked as an attribute: tracking a Keras model makes
     SavedModel trace its ``call`` as a default signature, which returns a distribution. Its
@@ -62,12 +73,29 @@ class ServingModule(tf.Module):
 
         @tf.function(input_signature=[_IMAGES])
         def encode(images):
-            means, scales = model.encode(_checked(images, shape), seed=SERVING_SEED)
             out = {}
-            for index, (mean, scale) in enumerate(zip(means, scales)):
-                out[f"mean_{index}"] = mean
-                out[f"scale_{index}"] = scale
+            for index, group in enumerate(latent_space.encode(model, _checked(images, shape))):
+                out[f"mean_{index}"] = group.mean
+                out[f"scale_{index}"] = group.stddev
+                out[f"z_{index}"] = group.z
             return out
+
+        num_groups = len(model.groups)
+
+        @tf.function(input_signature=[*latent_specs(model), _NUM_KEPT, _TEMPERATURE, _SEED])
+        def decode(*inputs):
+            *latents, num_kept, temperature, seed = inputs
+            checks = [
+                tf.debugging.assert_non_negative(num_kept, message="num_kept_groups must be >= 0"),
+                tf.debugging.assert_less_equal(
+                    num_kept, num_groups, message=f"num_kept_groups must be <= {num_groups}"
+                ),
+                tf.debugging.assert_positive(temperature, message="temperature must be > 0"),
+                *_latent_checks(latents, latent_specs(model)),
+            ]
+            with tf.control_dependencies(checks):
+                logits, _ = latent_space.walk(model, latents, temperature, seed, None, num_kept)
+            return {"images": decoder_images(model.output_distribution(logits), mean=True)}
 
         @tf.function(input_signature=[_IMAGES, _COUNT])
         def log_likelihood(images, num_samples):
@@ -83,7 +111,44 @@ class ServingModule(tf.Module):
         self.sample = sample
         self.reconstruct = reconstruct
         self.encode = encode
+        self.decode = decode
         self.log_likelihood = log_likelihood
+
+
+def latent_specs(model):
+    """One input per latent group: ``z_<l>`` (batch, h_l, w_l, C_z), top group first; each
+    new scale doubles the top group's size (that of the learned ``h``)."""
+    height, width = model.config.h_shape[:2]
+    specs = []
+    for group in model.groups:
+        if group.upsample:
+            height, width = 2 * height, 2 * width
+        shape = [None, height, width, group.latent_channels]
+        specs.append(tf.TensorSpec(shape, tf.float32, name=f"z_{group.index}"))
+    return specs
+
+
+def _latent_checks(latents, specs):
+    """In-graph shape checks of the ``decode`` inputs (a loaded signature does not check
+    the non-batch dimensions of its inputs itself)."""
+    checks = []
+    for z, spec in zip(latents, specs):
+        dims = ", ".join(str(d) for d in spec.shape[1:])
+        checks.append(
+            tf.debugging.assert_equal(
+                tf.shape(z)[1:],
+                spec.shape[1:],
+                message=f"{spec.name} must have shape (batch, {dims})",
+            )
+        )
+        checks.append(
+            tf.debugging.assert_equal(
+                tf.shape(z)[0],
+                tf.shape(latents[0])[0],
+                message="every z_<l> must have the same batch size",
+            )
+        )
+    return checks
 
 
 def _checked(images, shape, binary=False):

@@ -143,8 +143,28 @@ class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
 
     def sample(self, s, seed, temperature=1.0):
         """Generation pass: draw z from the prior at ``temperature`` (stateless ``seed``)."""
-        z = self.prior(s, temperature).sample(seed=seed)
+        return self.combine(s, self.prior(s, temperature).sample(seed=seed))
+
+    def combine(self, s, z):
+        """The top-down state after this group, given its latent ``z`` (B, h, w, C_z).
+
+        With flows, ``z`` is the post-flow latent (what the decoder combiner consumes). A
+        wrong shape is a one-line ValueError.
+        """
+        z = tf.convert_to_tensor(z, tf.float32)
+        expected = (*s.shape[1:3], self.latent_channels)
+        if z.shape.rank != 4 or any(
+            e is not None and g is not None and e != g for e, g in zip(expected, z.shape[1:])
+        ):
+            raise ValueError(
+                f"latent group {self.index} takes z of shape (batch, {expected[0]}, "
+                f"{expected[1]}, {expected[2]}), got {tuple(z.shape)}"
+            )
         return self.decoder_combiner(s, z)
+
+    def through_flow(self, z):
+        """A posterior-side latent after the group's flows (itself without flows), float32."""
+        return z if self.flow is None else tf.cast(self.flow(z)[0], tf.float32)
 
     def _prior_params(self, s):
         return _split(self.prior_head(tf.nn.elu(s)))
