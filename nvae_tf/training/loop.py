@@ -481,12 +481,8 @@ def _ema_weights(model):
     if not model.config.ema_decay:
         yield
         return
-    from nvae_tf.training.guarded_optimizer import moving_averages
-
-    averages = moving_averages(model.optimizer)
     backup = [v.numpy() for v in model.trainable_variables]
-    for variable, average in zip(model.trainable_variables, averages):
-        variable.assign(average)
+    model.optimizer.finalize_variable_values(model.trainable_variables)
     try:
         yield
     finally:
