@@ -1,9 +1,6 @@
 """Tests for nvae_tf.layers.flows: masks (spec 4), autoregressive Jacobians, bijector, serialization."""
 
 import math
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
 import numpy as np
