@@ -4,12 +4,10 @@
 import json
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import numpy as np
 import pytest
-from conftest import tiny_config
 from PIL import Image
+from support import tiny_config
 from tiny_runs import Run
 
 from nvae_tf.inference import fid

@@ -3,13 +3,11 @@ posterior pass and the prior sampler, and ``nvae-sample --interpolate / --traver
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import binary_images, colour_images, tiny_config
 from PIL import Image
+from support import binary_images, colour_images, tiny_config
 from tiny_runs import Run
 
 from nvae_tf.inference import latent_space
