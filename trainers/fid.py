@@ -99,7 +99,7 @@ def run(args):
 
 def report(result):
     print(
-        f"FID {result['fid']:.3f}: {result['num_samples']} samples at temperature "
+        f"FID {result['fid']:.6g}: {result['num_samples']} samples at temperature "
         f"{result['temperature']:g}{' (BN re-adjusted)' * result['readjust_bn']} vs "
         f"{result['reference']}, {result['num_reference']} images ({result['checkpoint']})"
     )
