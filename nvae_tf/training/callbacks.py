@@ -9,6 +9,7 @@ of training batches consumed: applied steps (``optimizer.iterations``) plus skip
 
 import csv
 import os
+import sys
 import time
 
 import keras
@@ -390,7 +391,8 @@ class ProgressBar(keras.callbacks.Callback):
 
     def __init__(self, verbose=1):
         super().__init__()
-        self.verbose = verbose
+        # Keras' live bar writes terminal control and colour codes: lines only into files.
+        self.verbose = 2 if verbose == 1 and not sys.stdout.isatty() else verbose
         self._bar = None
         self._seen = 0
 
