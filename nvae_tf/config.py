@@ -8,10 +8,11 @@ implementation's defaults; ``configs/*.yaml`` hold the paper runs (spec 9). The 
 
 import dataclasses
 import math
-import os
 import typing
 
 import yaml
+
+from nvae_tf.files import write_atomically
 
 DATASETS = {
     # name: (image_size, channels, num_x_bits, decoder)
@@ -128,10 +129,7 @@ class NVAEConfig:
 
     def to_yaml(self, path):
         """Write the config atomically: a killed write never leaves a half file at ``path``."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: yaml.safe_dump(self.to_dict(), f, sort_keys=False))
 
     def replace(self, **changes):
         return self.from_dict({**self.to_dict(), **changes})
