@@ -1,5 +1,5 @@
-"""Dataset-level evaluation (spec 6): importance-weighted NLL and ELBO with standard errors,
-KL per latent group and the number of active latent channels.
+"""Dataset-level evaluation (docs/design.md#evaluation): importance-weighted NLL and ELBO with
+standard errors, KL per latent group and the number of active latent channels.
 
 Every batch runs one compiled step: K posterior samples per image in chunks
 (``nvae_tf.inference.likelihood``), plus one more posterior pass for the KL statistics. With a
@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted, mean_and_standard_error
 
-ACTIVE_KL_THRESHOLD = 0.1  # nats per channel, summed over space (the original's kl_diag)
+ACTIVE_KL_THRESHOLD = 0.1  # nats per channel, summed over space (paper §4.3, footnote 5)
 
 
 def evaluation_dataset(config, split, batch_size, seed, num_images=None):

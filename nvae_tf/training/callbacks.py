@@ -18,8 +18,8 @@ import tensorflow as tf
 from nvae_tf.inference.image_grid import grid
 from nvae_tf.training.schedules import kl_coefficient, regularizer_weight
 
-ACTIVE_UNIT_KL = 0.1  # a latent channel is "active" when its KL exceeds this (nats, spec 3.3)
-SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # the original's sample grids (spec 5.10)
+ACTIVE_UNIT_KL = 0.1  # a latent channel is "active" when its KL exceeds this (paper §4.3 fn. 5)
+SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # as the original's grids, docs/design.md#training-loop
 PROBE_SEED = (2020, 1)  # fixed noise for logging passes: they never touch the model's generator
 TRAIN_COLUMNS = (
     "loss",
