@@ -1,4 +1,4 @@
-"""Optimizer, schedules and KL balancing against the formulas of spec 5.2-5.8."""
+"""Optimizer, schedules and KL balancing against the original's formulas (docs/design.md)."""
 
 import math
 
@@ -25,7 +25,10 @@ from nvae_tf.training.schedules import (
 
 
 def numpy_adamax(params, grad_fn, lrs, l2_decay, b1=0.9, b2=0.999, eps=1e-3):
-    """Spec 5.7 in float64: g += wd*p; m, u = max(b2*u, |g|+eps); p -= lr/(1-b1^t) * m/u."""
+    """The original's Adamax (docs/design.md#optimizer) in float64.
+
+    g += wd*p; m, u = max(b2*u, |g|+eps); p -= lr/(1-b1^t) * m/u.
+    """
     params = [p.astype(np.float64) for p in params]
     m = [np.zeros_like(p) for p in params]
     u = [np.zeros_like(p) for p in params]

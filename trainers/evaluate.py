@@ -1,4 +1,4 @@
-"""``nvae-eval``: importance-weighted NLL and ELBO of a trained run (spec 6).
+"""``nvae-eval``: importance-weighted NLL and ELBO of a trained run (docs/design.md#evaluation).
 
     nvae-eval --checkpoint RUN [--num-iw-samples 1000] [--split test] [--batch-size N]
               [--num-images N] [--max-images-per-pass 256] [--seed S] [--json FILE]

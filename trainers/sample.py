@@ -1,4 +1,4 @@
-"""``nvae-sample``: PNG grids of samples, reconstructions and fixed-top-scale samples (spec 7).
+"""``nvae-sample``: PNG grids of samples, reconstructions and fixed-top-scale samples (paper §4.2).
 
     nvae-sample --checkpoint RUN --num 64 --temperature 0.7 [--seed S] [--out DIR] [--npy]
                 [--decoder-temperature 1.0] [--mean] [--columns C]

@@ -21,7 +21,7 @@ from nvae_tf.inference.image_grid import grid
 from nvae_tf.model import ACTIVE_KL_THRESHOLD
 from nvae_tf.training.schedules import kl_coefficient, regularizer_weight
 
-SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # the original's sample grids (spec 5.10)
+SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # as the original's grids, docs/design.md#training-loop
 PROBE_SEED = (2020, 1)  # fixed noise for logging passes: they never touch the model's generator
 TRAIN_COLUMNS = (
     "loss",
