@@ -8,19 +8,6 @@ posterior-collapse prevention); afterwards the KL is the plain sum over groups.
 import numpy as np
 import tensorflow as tf
 
-# Groups and alpha worked out by hand for three paper layouts (docs/design.md#kl-balancing),
-# top (lowest-resolution) scale first, for checks.
-SPEC_GROUPS_PER_SCALE = {
-    "mnist": (5, 10),
-    "celeba64": (5, 10, 20),
-    "celeba_hq256": (4, 4, 4, 8, 16),
-}
-SPEC_ALPHA_PER_SCALE = {
-    "mnist": (1.0, 2.0),
-    "celeba64": (1.0, 2.0, 4.0),
-    "celeba_hq256": (1.0, 4.0, 16.0, 32.0, 64.0),
-}
-
 
 def balance_coefficients(groups_per_scale):
     """Alpha per latent group, ``(2**i)**2 / G_i`` for scale ``i`` divided by its minimum.
