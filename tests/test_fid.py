@@ -222,7 +222,7 @@ def test_nvae_fid_refuses_bad_input_with_one_line(tmp_path, capsys):
         (["--reference", str(tmp_path / "nowhere")], "does not exist"),
         (["--inception-weights", str(tmp_path / "none.h5")], "no such file"),
         (["--num-samples", "1"], "--num-samples must be >= 2"),
-        (["--temperature", "0"], "--temperature must be a number > 0"),
+        (["--temperature", "0"], "--temperature: must be a number > 0"),
     ):
         assert fid_cli.main([*_cli_args(run, tmp_path), *bad]) == 2
         err = capsys.readouterr().err.strip()

@@ -3,14 +3,35 @@
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
 
+VERBOSE_FLAG = "--verbose"
 
-def quiet_tensorflow():
-    """Silence TensorFlow's C++ start-up chatter before it is imported."""
+
+def quiet_tensorflow(verbose=False):
+    """Import TensorFlow without its C++ start-up chatter, unless ``verbose``.
+
+    ``TF_CPP_MIN_LOG_LEVEL`` covers TensorFlow's own log, but the lines that absl writes before
+    its logging is initialised (oneDNN, CUDA stubs, cuInit on a machine without a GPU) ignore
+    it: stderr is pointed at /dev/null while TensorFlow loads and finds its devices.
+    """
+    if verbose or "tensorflow" in sys.modules:
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class UserError(Exception):
@@ -22,7 +43,7 @@ def entry_point(main):
 
     @functools.wraps(main)
     def wrapper(argv=None):
-        quiet_tensorflow()
+        quiet_tensorflow(VERBOSE_FLAG in (sys.argv[1:] if argv is None else argv))
         from nvae_tf.config import ConfigError
         from nvae_tf.data import DataError
 
@@ -36,18 +57,6 @@ def entry_point(main):
             return 130
 
     return wrapper
-
-
-def add_config_args(parser):
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field (repeatable)",
-    )
 
 
 def add_checkpoint_arg(parser):
@@ -69,6 +78,18 @@ def report_result(result, report, json_path=None):
     return 0
 
 
+def add_config_args(parser):
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable)",
+    )
+
+
 def load_config(args):
     from nvae_tf.config import NVAEConfig
 
@@ -76,18 +97,41 @@ def load_config(args):
 
 
 def positive_int(text):
-    """argparse type: an integer >= 1."""
+    """argparse type: an integer >= 1 (the one check every count argument uses)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
+def positive_float(text):
+    """argparse type: a finite number > 0 (temperatures)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports bad arguments like any other user error: one line, exit status 2."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
 def parser(description):
-    return argparse.ArgumentParser(description=description)
+    """An argument parser with the flags every nvae-* command shares."""
+    p = _Parser(description=description)
+    p.add_argument(
+        VERBOSE_FLAG, action="store_true", help="show TensorFlow's own start-up and log messages"
+    )
+    return p
 
 
 class Progress:
@@ -105,8 +149,8 @@ class Progress:
         rate = done / max(time.time() - self.start, 1e-9)
         end = "\n" if done >= self.total else ""
         print(
-            f"\r{self.label}[{'=' * filled}{' ' * (self.width - filled)}] {done}/{self.total} images "
-            f"{rate:.1f} img/s",
+            f"\r{self.label}[{'=' * filled}{' ' * (self.width - filled)}] {done}/{self.total} "
+            f"images {rate:.1f} img/s",
             end=end,
             file=sys.stderr,
             flush=True,

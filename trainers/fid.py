@@ -14,7 +14,6 @@ published FIDs, which use the 2015 TensorFlow Inception graph of TTUR / pytorch-
 README, "FID").
 """
 
-import math
 import sys
 
 from trainers.cli import (
@@ -23,6 +22,8 @@ from trainers.cli import (
     add_checkpoint_arg,
     entry_point,
     parser,
+    positive_float,
+    positive_int,
     report_result,
 )
 from trainers.sample import add_bn_args, readjust_bn
@@ -38,13 +39,10 @@ def run(args):
     from nvae_tf.inference.sampling import NonFiniteSamplesError
     from nvae_tf.run_dir import latest_checkpoint, load_run_config, restore_model
 
-    if not (math.isfinite(args.temperature) and args.temperature > 0):
-        raise UserError(f"--temperature must be a number > 0, got {args.temperature}")
-    for name, least in (("num_samples", 2), ("num_reference", 2), ("batch_size", 1),
-                        ("bn_passes", 1), ("bn_batch_size", 1)):  # fmt: skip
+    for name in ("num_samples", "num_reference"):  # a covariance needs two images
         value = getattr(args, name)
-        if value is not None and value < least:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+        if value is not None and value < 2:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 2, got {value}")
     config = load_run_config(args.checkpoint)
     checkpoint = latest_checkpoint(args.checkpoint)
     try:
@@ -115,9 +113,14 @@ def main(argv=None):
     p = parser("Fréchet Inception Distance of a trained NVAE run's samples.")
     add_checkpoint_arg(p)
     p.add_argument(
-        "--num-samples", type=int, default=50000, help="samples (default 50000, as the original)"
+        "--num-samples",
+        type=positive_int,
+        default=50000,
+        help="samples (default 50000, as the original)",
     )
-    p.add_argument("--temperature", type=float, default=1.0, help="latent temperature (default 1)")
+    p.add_argument(
+        "--temperature", type=positive_float, default=1.0, help="latent temperature (default 1)"
+    )
     add_bn_args(p)
     p.add_argument(
         "--original-temperature",
@@ -131,8 +134,12 @@ def main(argv=None):
         help="the run's dataset split (default train) or an image folder (use ./train for a "
         "folder named train)",
     )
-    p.add_argument("--num-reference", type=int, help="use only the first N reference images")
-    p.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
+    p.add_argument(
+        "--num-reference", type=positive_int, help="use only the first N reference images"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=100, help="images per batch (default 100)"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument(
         "--inception-weights",

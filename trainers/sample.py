@@ -1,4 +1,4 @@
-"""``nvae-sample``: PNG grids of samples, reconstructions and fixed-top-scale samples (spec 7).
+"""``nvae-sample``: PNG grids of samples, reconstructions and fixed-top-scale samples (paper §4.2).
 
     nvae-sample --checkpoint RUN --num 64 --temperature 0.7 [--seed S] [--out DIR] [--npy]
                 [--decoder-temperature 1.0] [--mean] [--columns C]
@@ -12,8 +12,9 @@ reconstructions); with ``--interpolate`` ``interpolation.png``, a strip from ima
 B (A, ``--steps`` decoded points of the linear path between their latent codes, B); with
 ``--traverse`` ``traverse_group<G>_t<T>.png``, rows of prior samples whose latent group G
 is redrawn from its prior in every column after the first, all other groups held.
-Interpolations and traversals show decoder means. ``--readjust-bn`` re-estimates the decoder batch-norm statistics at the
-temperature first and stores them under RUN/bn_readjusted/ for the next call.
+Interpolations and traversals show decoder means. ``--readjust-bn`` re-estimates the decoder
+batch-norm statistics at the temperature first and stores them under RUN/bn_readjusted/ for
+the next call.
 """
 
 import math
@@ -22,7 +23,14 @@ import sys
 
 import numpy as np
 
-from trainers.cli import UserError, add_checkpoint_arg, entry_point, parser
+from trainers.cli import (
+    UserError,
+    add_checkpoint_arg,
+    entry_point,
+    parser,
+    positive_float,
+    positive_int,
+)
 
 
 def load_images(paths, config, seed):
@@ -118,13 +126,13 @@ def add_bn_args(p):
     )
     p.add_argument(
         "--bn-passes",
-        type=int,
+        type=positive_int,
         default=DEFAULT_PASSES,
         help=f"BN re-adjustment sampling passes (default {DEFAULT_PASSES}, as the original)",
     )
     p.add_argument(
         "--bn-batch-size",
-        type=int,
+        type=positive_int,
         default=DEFAULT_BATCH_SIZE,
         help=f"samples per BN re-adjustment pass (default {DEFAULT_BATCH_SIZE})",
     )
@@ -135,14 +143,6 @@ def run(args):
     from nvae_tf.inference.image_grid import save_grid
     from nvae_tf.run_dir import latest_checkpoint, load_run_config, restore_model
 
-    for name in ("temperature", "decoder_temperature"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value > 0):
-            raise UserError(f"--{name.replace('_', '-')} must be a number > 0, got {value}")
-    for name in ("num", "columns", "bn_passes", "bn_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.steps < 2:
         raise UserError(f"--steps must be >= 2, got {args.steps}")
     config = load_run_config(args.checkpoint)
@@ -217,16 +217,16 @@ def main(argv=None):
         "trained NVAE run."
     )
     add_checkpoint_arg(p)
-    p.add_argument("--num", type=int, default=64, help="images per grid (default 64)")
+    p.add_argument("--num", type=positive_int, default=64, help="images per grid (default 64)")
     p.add_argument(
         "--temperature",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="latent temperature: scales every group's prior sigma (default 1)",
     )
     p.add_argument(
         "--decoder-temperature",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="colour decoder: scales the logistic noise (default 1)",
     )
@@ -236,7 +236,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--out", help="output folder (default RUN/samples)")
     p.add_argument("--npy", action="store_true", help="also save each grid's images as .npy")
-    p.add_argument("--columns", type=int, help="grid width (default ceil(sqrt(num)))")
+    p.add_argument("--columns", type=positive_int, help="grid width (default ceil(sqrt(num)))")
     add_bn_args(p)
     p.add_argument(
         "--fix-top-scales",
@@ -267,9 +267,9 @@ def main(argv=None):
     )
     p.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=8,
-        help="decoded points of --interpolate, columns of --traverse (default 8)",
+        help="decoded points of --interpolate, columns of --traverse (default 8, at least 2)",
     )
     args = p.parse_args(argv)
     for path in run(args):

@@ -16,7 +16,8 @@ Signatures (every input is a named tensor; outputs are dicts):
   from the prior at ``temperature`` (``num_kept_groups = L`` uses them all: deterministic).
   Pixels are the decoder mean (Bernoulli mean; logistic mixture mean for colour).
 * ``log_likelihood(images: float32, num_samples: int32)`` -> ``log_likelihood`` (B,) in nats
-  (importance weighted, spec 6) and ``bits_per_dim`` (B,), the NLL in bits per dimension.
+  (importance weighted, docs/design.md#evaluation) and ``bits_per_dim`` (B,), the NLL in bits
+  per dimension.
 
 ``reconstruct`` and ``log_likelihood`` draw their posterior samples from a fixed seed
 (``SERVING_SEED``), so the same batch always gets the same answer; ``encode`` is
