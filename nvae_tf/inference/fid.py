@@ -77,7 +77,7 @@ class FeatureAccumulator:
         return FeatureStatistics(mean, covariance, self.count)
 
 
-def frechet_distance(a, b):
+def frechet_distance(a: FeatureStatistics, b: FeatureStatistics) -> float:
     """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between two Gaussians, float64.
 
     tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of
@@ -116,7 +116,7 @@ class InceptionFeatures:
     and give other numbers.
     """
 
-    def __init__(self, weights="imagenet", input_size=INCEPTION_SIZE, seed=0):
+    def __init__(self, weights: str = "imagenet", input_size: int = INCEPTION_SIZE, seed: int = 0):
         if input_size < MIN_INCEPTION_SIZE:
             raise FIDError(f"the Inception input size must be >= 75, got {input_size}")
         if weights == "random":
@@ -166,7 +166,7 @@ class InceptionFeatures:
         inputs = keras.applications.inception_v3.preprocess_input(pixels)
         return self.network(inputs, training=False)
 
-    def __call__(self, images):
+    def __call__(self, images) -> np.ndarray:
         """(B, H, W, 1 or 3) images in [0, 1] -> (B, 2048) float64 features."""
         images = tf.convert_to_tensor(images, tf.float32)
         if images.shape[-1] == 1:  # greyscale: the same value in R, G and B
@@ -174,7 +174,7 @@ class InceptionFeatures:
         return np.asarray(self._features(images), np.float64)
 
 
-def statistics_of(batches, extractor, progress=None):
+def statistics_of(batches, extractor, progress=None) -> FeatureStatistics:
     """Feature statistics of an iterable of image batches; ``progress(images_done)``."""
     accumulator = FeatureAccumulator()
     for batch in batches:
@@ -185,8 +185,14 @@ def statistics_of(batches, extractor, progress=None):
 
 
 def sample_statistics(
-    model, extractor, num_samples, temperature=1.0, batch_size=100, seed=0, progress=None
-):
+    model,
+    extractor,
+    num_samples: int,
+    temperature: float = 1.0,
+    batch_size: int = 100,
+    seed: int = 0,
+    progress=None,
+) -> FeatureStatistics:
     """Feature statistics of ``num_samples`` prior samples at latent ``temperature``.
 
     Pixels are Bernoulli means for binary data and the logistic mixture's mean for colour
@@ -219,7 +225,9 @@ class Reference:
     batches: Callable[[int], tf.data.Dataset]
 
 
-def dataset_reference(config, split="train", num_images=None, batch_size=64):
+def dataset_reference(
+    config, split: str = "train", num_images: int | None = None, batch_size: int = 64
+) -> Reference:
     """The run's dataset: its 8-bit images (for binary data, the grey levels that the
     binarization draws from; the samples are Bernoulli means, probabilities too)."""
     from nvae_tf.data import load_raw_images, num_examples
@@ -243,7 +251,7 @@ def dataset_reference(config, split="train", num_images=None, batch_size=64):
     return Reference(f"{config.dataset} {split} split", key, count, batches)
 
 
-def folder_reference(path, num_images=None, batch_size=64):
+def folder_reference(path: str, num_images: int | None = None, batch_size: int = 64) -> Reference:
     """Every PNG/JPEG under ``path`` (recursively, sorted), as RGB, resized one by one."""
     from PIL import Image
 
@@ -332,7 +340,9 @@ class CachedStatistics(NamedTuple):
     path: str | None  # the cache file
 
 
-def reference_statistics(reference, extractor, cache=None, progress=None):
+def reference_statistics(
+    reference: Reference, extractor, cache=None, progress=None
+) -> CachedStatistics:
     """The reference's feature statistics, read from ``cache`` when stored there."""
     key = {**reference.key, "count": reference.count, **extractor.identity}
     path = cache.path(key) if cache is not None else None
@@ -345,7 +355,7 @@ def reference_statistics(reference, extractor, cache=None, progress=None):
     return CachedStatistics(statistics, False, path)
 
 
-def default_cache_dir():
+def default_cache_dir() -> str:
     """$XDG_CACHE_HOME/nvae-tf/fid (~/.cache/nvae-tf/fid)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "nvae-tf", "fid")

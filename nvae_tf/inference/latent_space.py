@@ -33,7 +33,7 @@ def _fold(seed, index):
     return tf.random.experimental.stateless_fold_in(seed, index)
 
 
-def encode(model, x, sample=False, seed=None):
+def encode(model, x: tf.Tensor, sample: bool = False, seed=None) -> list[GroupLatent]:
     """Per-group posteriors of images ``x``, top group first, as a list of ``GroupLatent``.
 
     One top-down pass in which every group's z is its posterior mean (``sample=False``, a
@@ -55,7 +55,9 @@ def encode(model, x, sample=False, seed=None):
     return latents
 
 
-def walk(model, latents, temperature=1.0, seed=None, num_samples=None, num_kept=None):
+def walk(
+    model, latents: list, temperature: float = 1.0, seed=None, num_samples=None, num_kept=None
+) -> tuple[tf.Tensor, list[tf.Tensor]]:
     """The top-down pass from given latents; returns (logits, the z of every group).
 
     ``latents``: per group from the top, a z tensor, a ``GroupLatent`` or None; groups that
@@ -86,19 +88,21 @@ def walk(model, latents, temperature=1.0, seed=None, num_samples=None, num_kept=
     return model.output_logits(s), walked
 
 
-def decode(model, latents, temperature=1.0, seed=None, num_samples=None):
+def decode(
+    model, latents: list, temperature: float = 1.0, seed=None, num_samples=None
+) -> tf.Tensor:
     """Images (B, H, W, C) in [0, 1] from per-group latents (see ``walk``): the decoder mean."""
     logits, _ = walk(model, latents, temperature, seed, num_samples)
     return decoder_images(model.output_distribution(logits), mean=True)
 
 
-def prior_latents(model, num_samples, temperature=1.0, seed=None):
+def prior_latents(model, num_samples: int, temperature: float = 1.0, seed=None) -> list[tf.Tensor]:
     """Every group's z of ``num_samples`` prior samples; ``decode`` of them equals
     ``NVAE.sample`` with the same seed for binary data (the decoder mean for colour)."""
     return walk(model, [], temperature, seed, num_samples)[1]
 
 
-def interpolate(model, x_a, x_b, num_steps=8):
+def interpolate(model, x_a: tf.Tensor, x_b: tf.Tensor, num_steps: int = 8) -> tf.Tensor:
     """Decoded images on the path from ``x_a`` to ``x_b`` (single images or batches of the
     same size): (num_steps, H, W, C) for single images, else (B, num_steps, H, W, C).
 
@@ -123,7 +127,9 @@ def interpolate(model, x_a, x_b, num_steps=8):
     return images[0] if single else images
 
 
-def traverse(model, latents, group, num_values=8, temperature=1.0, seed=None):
+def traverse(
+    model, latents: list, group: int, num_values: int = 8, temperature: float = 1.0, seed=None
+) -> tf.Tensor:
     """Vary latent ``group`` while holding every other group's z: (B, num_values, H, W, C).
 
     Column 0 decodes ``latents`` as given; each further column redraws the group's z from
