@@ -8,6 +8,8 @@ Forward pass, top-down once::
     s -> post-process cells -> ELU -> output conv -> decoder distribution p(x | z)
 """
 
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -40,6 +42,34 @@ TRAIN_METRICS = (
     "grad_norm",
 )
 MNIST_CROP = 2  # 28x28 digits padded to 32x32; the likelihood is scored on the 28x28 crop
+
+
+class NVAEOutput(NamedTuple):
+    """One posterior pass of the model (``NVAE.__call__``); per-image values are in nats.
+
+    A NamedTuple so that ``tf.function`` and ``tf.distribute`` can return it.
+    """
+
+    output_distribution: tfd.Distribution  # p(x | z); ``log_prob(x)`` is per image, (B,)
+    logits: tf.Tensor  # its raw parameters (B, H, W, P)
+    kl: tf.Tensor  # KL(q || p) per image and group, top group first (B, groups)
+    log_q: tf.Tensor  # log q(z | x) summed over groups (B,)
+    log_p: tf.Tensor  # log p(z) summed over groups (B,)
+    kl_per_channel: tf.Tensor  # KL per group and latent channel, batch mean (groups, C_z)
+    posterior_mean: list  # per group (B, h, w, C_z), top group first
+    posterior_stddev: list
+
+    def reconstruction(self, x: tf.Tensor) -> tf.Tensor:
+        """-log p(x | z) per image (B,)."""
+        return -self.output_distribution.log_prob(x)
+
+    def negative_elbo(self, x: tf.Tensor) -> tf.Tensor:
+        """The per-image negative ELBO -log p(x | z) + sum_l KL_l (B,): what NVAE minimises."""
+        return self.reconstruction(x) + tf.reduce_sum(self.kl, axis=1)
+
+    def log_weight(self, x: tf.Tensor) -> tf.Tensor:
+        """log p(x, z) - log q(z | x) per image (B,): one importance weight."""
+        return -self.reconstruction(x) + self.log_p - self.log_q
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
@@ -135,34 +165,31 @@ class NVAE(CheckpointListsMixin, keras.Model):
     def call(self, x, training=None, seed=None):
         """Posterior pass on images ``x`` in [0, 1], shape (B, H, W, C).
 
-        Returns a dict: ``decoder`` (p(x|z), per-image ``log_prob``), ``logits`` (its raw
-        parameters), ``kl`` (B, groups), ``log_q`` and ``log_p`` (B,) summed over all groups,
-        ``kl_per_channel`` (groups, latent channels) averaged over the batch, and per-group
-        ``posterior_mean`` / ``posterior_stddev`` lists. ``seed`` (shape (2,) int32) makes the
-        posterior samples reproducible; by default they come from the model's generator.
+        Returns an ``NVAEOutput``. ``seed`` (shape (2,) int) makes the posterior samples
+        reproducible; by default they come from the model's generator.
         """
         x = self.check_images(x)
         seed = self.stateless_seed(seed)
         features = self._bottom_up(x, training)
         s = self._initial_state(tf.shape(x)[0])
-        stats = []
+        groups = []
         for group in self.groups:
             s = self._run(group.cells, s, training)
-            s, group_stats = group(
+            s, group_output = group(
                 s, features[-1 - group.index], _fold(seed, group.index), training=training
             )
-            stats.append(group_stats)
+            groups.append(group_output)
         logits = self._top_down_output(s, training)
-        return {
-            "decoder": self.decoder_distribution(logits),
-            "logits": logits,
-            "kl": tf.stack([st["kl"] for st in stats], axis=1),
-            "log_q": tf.add_n([st["log_q"] for st in stats]),
-            "log_p": tf.add_n([st["log_p"] for st in stats]),
-            "kl_per_channel": tf.stack([st["kl_per_channel"] for st in stats]),
-            "posterior_mean": [st["posterior_mean"] for st in stats],
-            "posterior_stddev": [st["posterior_stddev"] for st in stats],
-        }
+        return NVAEOutput(
+            output_distribution=self.output_distribution(logits),
+            logits=logits,
+            kl=tf.stack([g.kl for g in groups], axis=1),
+            log_q=tf.add_n([g.log_q for g in groups]),
+            log_p=tf.add_n([g.log_p for g in groups]),
+            kl_per_channel=tf.stack([g.kl_per_channel for g in groups]),
+            posterior_mean=[g.posterior_mean for g in groups],
+            posterior_stddev=[g.posterior_stddev for g in groups],
+        )
 
     def _bottom_up(self, x, training):
         """Encoder features, one per latent group, bottom-up order (last = final feature)."""
@@ -195,7 +222,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         return x
 
     # --- decoder distribution -----------------------------------------------------------------
-    def decoder_distribution(self, logits, temperature=1.0):
+    def output_distribution(self, logits, temperature=1.0):
         """p(x | z) with a per-image ``log_prob`` (summed over pixels and channels)."""
         c = self.config
         if c.decoder == "bernoulli":
@@ -209,7 +236,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         return tfd.Independent(mixture, reinterpreted_batch_ndims=2)
 
     # --- generation and inference -------------------------------------------------------------
-    def prior_decoder(
+    def prior_output_distribution(
         self,
         num_samples,
         temperature=1.0,
@@ -233,14 +260,14 @@ class NVAE(CheckpointListsMixin, keras.Model):
             s = run_cells(group.cells, s, training=training)
             group_seed = fixed_seed if group.index < num_fixed_groups else seed
             s = group.sample(s, _fold(group_seed, group.index), temperature)
-        return self.decoder_distribution(self._top_down_output(s, training), decoder_temperature)
+        return self.output_distribution(self._top_down_output(s, training), decoder_temperature)
 
     def sample(
         self, num_samples, temperature=1.0, decoder_temperature=1.0, training=False, seed=None
     ):
         """Images in [0, 1]: Bernoulli means for binary data, mixture samples for colour."""
         seed = self.stateless_seed(seed)
-        decoder = self.prior_decoder(
+        decoder = self.prior_output_distribution(
             num_samples, temperature, decoder_temperature, training, seed=seed
         )
         return _images(decoder, _fold(seed, -1))
@@ -248,12 +275,13 @@ class NVAE(CheckpointListsMixin, keras.Model):
     def encode(self, x, seed=None):
         """Per-group posterior (means, stddevs), top group first, from one posterior pass."""
         out = self(x, training=False, seed=seed)
-        return out["posterior_mean"], out["posterior_stddev"]
+        return out.posterior_mean, out.posterior_stddev
 
     def reconstruct(self, x, seed=None):
         """Decode the posterior sample of ``x`` (Bernoulli means / mixture samples)."""
         seed = self.stateless_seed(seed)
-        return _images(self(x, training=False, seed=seed)["decoder"], _fold(seed, -1))
+        out = self(x, training=False, seed=seed)
+        return _images(out.output_distribution, _fold(seed, -1))
 
     def stateless_seed(self, seed=None):
         """A stateless seed: the given one, or the next from the model's generator."""
@@ -309,16 +337,19 @@ class NVAE(CheckpointListsMixin, keras.Model):
             out = self(x, training=True)
             terms = self.objective(self, out, x, self.optimizer.iterations)
             # Gradients are summed over replicas: each contributes its share of the mean.
-            scaled = self.optimizer.scale_loss(terms["loss"] / replicas)
+            scaled = self.optimizer.scale_loss(terms.loss / replicas)
         grads = tape.gradient(scaled, self.trainable_variables)
         # A non-finite loss must skip the step even if its gradients happen to be finite.
-        grads[0] = tf.where(tf.math.is_finite(terms["loss"]), grads[0], float("nan"))
+        grads[0] = tf.where(tf.math.is_finite(terms.loss), grads[0], float("nan"))
         scale = tf.cast(self.optimizer.scale_loss(1.0), tf.float32)
-        terms["grad_norm"] = tf.linalg.global_norm(grads) / scale * replicas
+        grad_norm = tf.linalg.global_norm(grads) / scale * replicas
         self.optimizer.apply(grads, self.trainable_variables)
-        terms["bpd"] = bits_per_dim(terms["nelbo"], self.config.num_output_dims)
         return self._update_metrics(
-            terms,
+            {
+                **terms._asdict(),
+                "grad_norm": grad_norm,
+                "bpd": bits_per_dim(terms.nelbo, self.config.num_output_dims),
+            },
             skipped_steps=self.optimizer.skipped_steps,
             consecutive_skips=self.optimizer.consecutive_skips,
         )
@@ -326,7 +357,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
     def test_step(self, data):
         x = _images_of(data)
         out = self(x, training=False)
-        nelbo = tf.reduce_mean(-out["decoder"].log_prob(x) + tf.reduce_sum(out["kl"], axis=1))
+        nelbo = tf.reduce_mean(out.negative_elbo(x))
         return self._update_metrics(
             {"nelbo": nelbo, "bpd": bits_per_dim(nelbo, self.config.num_output_dims)}
         )

@@ -271,8 +271,7 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
     def poisoned(model, outputs, images, iteration):
         terms = objective(model, outputs, images, iteration)
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        terms["loss"] = terms["loss"] + tf.where(tf.equal(replica, 1), float("nan"), 0.0)
-        return terms
+        return terms._replace(loss=terms.loss + tf.where(tf.equal(replica, 1), float("nan"), 0.0))
 
     def counters():
         opt = multi.optimizer

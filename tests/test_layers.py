@@ -137,8 +137,8 @@ def test_model_get_config_from_config_round_trip(bernoulli_model):
     x = tf.zeros((2, 32, 32, 1))
     a = model(x, training=False, seed=[5, 6])
     b = clone(x, training=False, seed=[5, 6])
-    np.testing.assert_allclose(a["kl"], b["kl"], rtol=1e-6)
-    np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a.kl, b.kl, rtol=1e-6)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-6, atol=1e-6)
     revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
     assert isinstance(revived, NVAE) and revived.config == model.config
 

@@ -238,20 +238,20 @@ def test_forward_outputs_bernoulli(bernoulli_model):
     x = binary_images(3)
     out = bernoulli_model(x, training=False, seed=[1, 2])
     L = bernoulli_model.config.num_groups
-    assert out["kl"].shape == (3, L)
-    assert out["log_q"].shape == (3,) and out["log_p"].shape == (3,)
-    assert out["kl_per_channel"].shape == (L, 20)
-    assert out["logits"].shape == (3, 32, 32, 1)
-    assert out["decoder"].log_prob(x).shape == (3,)
+    assert out.kl.shape == (3, L)
+    assert out.log_q.shape == (3,) and out.log_p.shape == (3,)
+    assert out.kl_per_channel.shape == (L, 20)
+    assert out.logits.shape == (3, 32, 32, 1)
+    assert out.output_distribution.log_prob(x).shape == (3,)
     sizes = [8, 16, 16]  # top group at 8x8, then two groups at 16x16
-    for mean, std, size in zip(out["posterior_mean"], out["posterior_stddev"], sizes):
+    for mean, std, size in zip(out.posterior_mean, out.posterior_stddev, sizes):
         assert mean.shape == std.shape == (3, size, size, 20)
-    for value in (out["kl"], out["log_q"], out["log_p"], out["kl_per_channel"], out["logits"]):
+    for value in (out.kl, out.log_q, out.log_p, out.kl_per_channel, out.logits):
         assert value.dtype == tf.float32 and np.all(np.isfinite(value))
     # Without flows the KL is analytic, hence >= 0; kl_per_channel is its batch mean.
-    assert np.all(out["kl"].numpy() >= -1e-3)
+    assert np.all(out.kl.numpy() >= -1e-3)
     np.testing.assert_allclose(
-        out["kl_per_channel"].numpy().sum(axis=1), out["kl"].numpy().mean(axis=0), rtol=1e-4
+        out.kl_per_channel.numpy().sum(axis=1), out.kl.numpy().mean(axis=0), rtol=1e-4
     )
 
 
@@ -259,13 +259,13 @@ def test_forward_outputs_mixture_with_flows(colour_model):
     x = colour_images(2)
     out = colour_model(x, training=False, seed=[1, 2])
     L = colour_model.config.num_groups
-    assert out["kl"].shape == (2, L) and out["kl_per_channel"].shape == (L, 20)
-    assert out["log_q"].shape == (2,) and out["log_p"].shape == (2,)
-    assert out["logits"].shape == (2, 16, 16, 100)
-    assert out["decoder"].log_prob(x).shape == (2,)
+    assert out.kl.shape == (2, L) and out.kl_per_channel.shape == (L, 20)
+    assert out.log_q.shape == (2,) and out.log_p.shape == (2,)
+    assert out.logits.shape == (2, 16, 16, 100)
+    assert out.output_distribution.log_prob(x).shape == (2,)
     # With flows the KL is the single-sample estimate log q - log p, summed over groups.
     np.testing.assert_allclose(
-        out["kl"].numpy().sum(axis=1), (out["log_q"] - out["log_p"]).numpy(), rtol=1e-4, atol=1e-2
+        out.kl.numpy().sum(axis=1), (out.log_q - out.log_p).numpy(), rtol=1e-4, atol=1e-2
     )
 
 
@@ -275,7 +275,7 @@ def test_mnist_likelihood_is_scored_on_the_28x28_crop(bernoulli_model):
     flipped = x.copy()
     flipped[:, :2] = 1 - flipped[:, :2]  # change only the 2-pixel border
     flipped[:, :, -2:] = 1 - flipped[:, :, -2:]
-    decoder = out["decoder"]
+    decoder = out.output_distribution
     np.testing.assert_allclose(decoder.log_prob(x), decoder.log_prob(flipped), rtol=1e-6)
 
 
@@ -289,13 +289,13 @@ def test_residual_posterior_equals_prior_when_encoder_outputs_are_zero():
     model = NVAE(tiny_config())
     x = binary_images(2)
     before = model(x, training=False, seed=[3, 3])
-    assert np.all(before["kl"].numpy()[:, 1:] > 1e-2)
+    assert np.all(before.kl.numpy()[:, 1:] > 1e-2)
     for group in model.groups[1:]:
         _zero_posterior_head(group)
     after = model(x, training=False, seed=[3, 3])
     # Analytic KL of q == p is zero for every residual group; the top group is not residual.
-    np.testing.assert_allclose(after["kl"].numpy()[:, 1:], 0.0, atol=1e-4)
-    assert np.all(after["kl"].numpy()[:, 0] > 1e-2)
+    np.testing.assert_allclose(after.kl.numpy()[:, 1:], 0.0, atol=1e-4)
+    assert np.all(after.kl.numpy()[:, 0] > 1e-2)
     # Directly: the posterior's mean and stddev are the prior's.
     group = model.groups[1]
     s = tf.random.normal((2, 16, 16, 8), seed=1)
@@ -327,10 +327,10 @@ def test_decoder_sees_z_only(bernoulli_model):
     model = bernoulli_model
     a = model(binary_images(2, seed=1), training=False, seed=[9, 9])
     b = model(binary_images(2, seed=2), training=False, seed=[9, 9])
-    assert not np.allclose(a["logits"], b["logits"])
+    assert not np.allclose(a.logits, b.logits)
     # Walking the prior with the same seed twice gives the same logits.
-    d1 = model.prior_decoder(2, seed=[4, 4]).mean()
-    d2 = model.prior_decoder(2, seed=[4, 4]).mean()
+    d1 = model.prior_output_distribution(2, seed=[4, 4]).mean()
+    d2 = model.prior_output_distribution(2, seed=[4, 4]).mean()
     np.testing.assert_array_equal(d1, d2)
 
 
@@ -386,7 +386,7 @@ def test_iw_log_weights_are_the_model_terms(iw_model):
 
     def spy(inputs, training=None, seed=None):
         out = original(inputs, training=training, seed=seed)
-        seen.append((out["decoder"].log_prob(inputs) + out["log_p"] - out["log_q"]).numpy())
+        seen.append((out.output_distribution.log_prob(inputs) + out.log_p - out.log_q).numpy())
         return out
 
     iw_model.call = spy
@@ -484,9 +484,9 @@ def test_seeds_make_sampling_and_forward_reproducible(bernoulli_model, colour_mo
         f1 = model(x, training=False, seed=[5, 6])
         f2 = model(x, training=False, seed=[5, 6])
         f3 = model(x, training=False, seed=[5, 7])
-        np.testing.assert_array_equal(f1["kl"], f2["kl"])
-        np.testing.assert_array_equal(f1["logits"], f2["logits"])
-        assert not np.array_equal(f1["logits"], f3["logits"])
+        np.testing.assert_array_equal(f1.kl, f2.kl)
+        np.testing.assert_array_equal(f1.logits, f2.logits)
+        assert not np.array_equal(f1.logits, f3.logits)
         np.testing.assert_array_equal(
             model.reconstruct(x, seed=[1, 1]), model.reconstruct(x, seed=[1, 1])
         )

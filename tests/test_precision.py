@@ -45,7 +45,7 @@ def reference():
     return {
         "weights": weights,
         "x": x,
-        "terms": {k: float(v) for k, v in terms.items()},
+        "terms": {k: float(v) for k, v in terms._asdict().items()},
         "logs": {k: float(v) for k, v in logs.items()},
     }
 
@@ -78,9 +78,9 @@ def test_forward_loss_close_to_float32(mixed, reference):
     x = reference["x"]
     terms = model.objective(model, model(x, training=True, seed=SEED), x, 0)
     for name in ("loss", "nelbo", "recon", "kl", "spectral", "bn_penalty"):
-        assert terms[name].dtype == tf.float32, name
+        assert getattr(terms, name).dtype == tf.float32, name
         np.testing.assert_allclose(
-            float(terms[name]),
+            float(getattr(terms, name)),
             reference["terms"][name],
             rtol=TOLERANCE[policy] * (5 if name == "kl" else 1),
             err_msg=name,
@@ -138,10 +138,10 @@ def test_distribution_outputs_are_float32(mixed):
     x = colour_images(2)
     out = model(x, training=False, seed=SEED)
     for name in ("kl", "log_q", "log_p", "kl_per_channel", "logits"):
-        assert out[name].dtype == tf.float32, name
-        assert np.all(np.isfinite(out[name].numpy())), name
-    assert out["decoder"].log_prob(x).dtype == tf.float32
-    for mean, std in zip(out["posterior_mean"], out["posterior_stddev"]):
+        assert getattr(out, name).dtype == tf.float32, name
+        assert np.all(np.isfinite(getattr(out, name).numpy())), name
+    assert out.output_distribution.log_prob(x).dtype == tf.float32
+    for mean, std in zip(out.posterior_mean, out.posterior_stddev):
         assert mean.dtype == std.dtype == tf.float32
     assert model.spectral_regularizer().dtype == tf.float32
     ll, elbo = importance_weighted(model, x, 3, seed=SEED)  # logsumexp over samples

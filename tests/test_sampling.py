@@ -96,7 +96,9 @@ def test_grid_layout():
 
 
 def test_decoder_temperature_shrinks_the_pixel_spread(colour_model):
-    decoders = {t: colour_model.prior_decoder(4, 1.0, t, seed=1) for t in (1.0, 0.5, 0.1)}
+    decoders = {
+        t: colour_model.prior_output_distribution(4, 1.0, t, seed=1) for t in (1.0, 0.5, 0.1)
+    }
     spread = {
         t: float(tf.reduce_mean(tf.math.reduce_std(d.sample(64, seed=[2, 0]), axis=0)))
         for t, d in decoders.items()

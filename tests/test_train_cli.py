@@ -155,7 +155,7 @@ def test_skip_guard_stops_a_run_whose_every_step_is_non_finite(tmp_path, capsys,
 
     def nan_loss(self, *args, **kwargs):
         terms = original(self, *args, **kwargs)
-        return {**terms, "loss": terms["loss"] * float("nan")}
+        return terms._replace(loss=terms.loss * float("nan"))
 
     monkeypatch.setattr(Objective, "__call__", nan_loss)
     out = tmp_path / "run"

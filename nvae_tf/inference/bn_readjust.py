@@ -64,7 +64,7 @@ def readjust_batchnorm(
     @tf.function
     def one_pass(index):
         seed = tf.cast(tf.random.experimental.stateless_fold_in(base, index), tf.int64)
-        model.prior_decoder(batch_size, temperature, training=True, seed=seed)
+        model.prior_output_distribution(batch_size, temperature, training=True, seed=seed)
 
     for index in range(num_passes):
         one_pass(tf.constant(index))

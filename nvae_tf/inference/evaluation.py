@@ -92,8 +92,8 @@ def _make_step(model, strategy, num_samples, max_images_per_pass):
             out = model(x, training=False, seed=kl_seed)
             n = tf.cast(tf.shape(x)[0], tf.float32)
             # kl_per_channel is a batch mean (NaN for an empty replica batch): make it a sum.
-            kl_channel_sum = tf.where(n > 0, out["kl_per_channel"] * n, 0.0)
-            return log_likelihood, elbo, out["kl"], kl_channel_sum
+            kl_channel_sum = tf.where(n > 0, out.kl_per_channel * n, 0.0)
+            return log_likelihood, elbo, out.kl, kl_channel_sum
 
         return strategy.run(replica_step, args=(batch,))
 

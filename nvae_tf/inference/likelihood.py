@@ -69,9 +69,8 @@ def importance_weighted(model, x, num_samples, max_images_per_pass=256, seed=Non
     def sample_fn(n, chunk_seed):
         tiled = tf.tile(x, [n, 1, 1, 1])
         out = model(tiled, training=False, seed=tf.cast(chunk_seed, tf.int64))
-        log_px = out["decoder"].log_prob(tiled)
-        log_w = tf.reshape(log_px + out["log_p"] - out["log_q"], [n, batch])
-        elbo = tf.reshape(log_px - tf.reduce_sum(out["kl"], axis=1), [n, batch])
+        log_w = tf.reshape(out.log_weight(tiled), [n, batch])
+        elbo = tf.reshape(-out.negative_elbo(tiled), [n, batch])
         return log_w, elbo
 
     return iw_estimate(sample_fn, num_samples, max_images_per_pass // tf.maximum(batch, 1), seed)

@@ -34,7 +34,9 @@ def generate(model, num_samples, temperature=1.0, decoder_temperature=1.0, mean=
     """
     _check_temperatures(temperature, decoder_temperature)
     seed = model.stateless_seed(seed)
-    decoder = model.prior_decoder(num_samples, temperature, decoder_temperature, seed=seed)
+    decoder = model.prior_output_distribution(
+        num_samples, temperature, decoder_temperature, seed=seed
+    )
     return check_finite(decoder_images(decoder, mean, _fold(seed, -1)), "samples")
 
 
@@ -42,8 +44,8 @@ def reconstruct(model, images, decoder_temperature=1.0, mean=False, seed=None):
     """Decode one posterior sample of each image; equals ``model.reconstruct`` by default."""
     _check_temperatures(1.0, decoder_temperature)
     seed = model.stateless_seed(seed)
-    logits = model(images, training=False, seed=seed)["logits"]
-    decoder = model.decoder_distribution(logits, decoder_temperature)
+    logits = model(images, training=False, seed=seed).logits
+    decoder = model.output_distribution(logits, decoder_temperature)
     return check_finite(decoder_images(decoder, mean, _fold(seed, -1)), "reconstructions")
 
 
@@ -77,7 +79,7 @@ def fixed_top_grid(
 
     @tf.function
     def column(column_seed):
-        decoder = model.prior_decoder(
+        decoder = model.prior_output_distribution(
             num_rows,
             temperature,
             decoder_temperature,

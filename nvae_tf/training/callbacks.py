@@ -135,7 +135,7 @@ class TrainingDiagnostics(keras.callbacks.Callback):
             @tf.function
             def probe(x):
                 out = model(x, training=False, seed=PROBE_SEED)
-                return tf.reduce_mean(out["kl"], axis=0), out["kl_per_channel"]
+                return tf.reduce_mean(out.kl, axis=0), out.kl_per_channel
 
             self._probe = probe
         self._logged_step = step

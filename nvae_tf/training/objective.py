@@ -4,11 +4,26 @@
 ``beta`` the KL warm-up coefficient and ``lambda`` fixed or annealed with ``beta``.
 """
 
+from typing import NamedTuple
+
 import tensorflow as tf
 
 from nvae_tf.training.kl_balancing import balance_coefficients, balanced_kl
 from nvae_tf.training.regularizers import batchnorm_penalty
 from nvae_tf.training.schedules import kl_coefficient, regularizer_weight
+
+
+class LossTerms(NamedTuple):
+    """The scalars of one training step (batch means of per-image values, in nats)."""
+
+    loss: tf.Tensor  # what is minimised: balanced, beta-weighted KL and the regularizers
+    nelbo: tf.Tensor  # the unweighted negative ELBO
+    recon: tf.Tensor
+    kl: tf.Tensor
+    beta: tf.Tensor
+    reg_weight: tf.Tensor  # lambda
+    spectral: tf.Tensor
+    bn_penalty: tf.Tensor
 
 
 class Objective:
@@ -26,8 +41,8 @@ class Objective:
 
     def __call__(self, model, outputs, x, step):
         c = self.config
-        recon = -outputs["decoder"].log_prob(x)
-        kl = outputs["kl"]
+        recon = outputs.reconstruction(x)
+        kl = outputs.kl
         beta = kl_coefficient(
             step, self.total_steps, c.kl_anneal_portion, c.kl_const_portion, c.kl_const_coeff
         )
@@ -41,13 +56,13 @@ class Objective:
         loss = tf.reduce_mean(recon + balanced_kl(kl, beta, self.alpha)) + reg_weight * (
             spectral + bn
         )
-        return {
-            "loss": loss,
-            "nelbo": tf.reduce_mean(recon + tf.reduce_sum(kl, axis=1)),
-            "recon": tf.reduce_mean(recon),
-            "kl": tf.reduce_mean(tf.reduce_sum(kl, axis=1)),
-            "beta": tf.cast(beta, tf.float32),
-            "reg_weight": tf.cast(reg_weight, tf.float32),
-            "spectral": spectral,
-            "bn_penalty": bn,
-        }
+        return LossTerms(
+            loss=loss,
+            nelbo=tf.reduce_mean(outputs.negative_elbo(x)),  # shares recon's log_prob in graphs
+            recon=tf.reduce_mean(recon),
+            kl=tf.reduce_mean(tf.reduce_sum(kl, axis=1)),
+            beta=tf.cast(beta, tf.float32),
+            reg_weight=tf.cast(reg_weight, tf.float32),
+            spectral=spectral,
+            bn_penalty=bn,
+        )
