@@ -72,14 +72,14 @@ def zero_noise_outputs(model, images, sample_images, temperature) -> dict:
     sample_images = tf.convert_to_tensor(sample_images, tf.float32)
     with zero_latent_noise(model):
         out = model(images, training=False)
-        prior_path = model.prior_decoder(
+        prior_path = model.prior_output_distribution(
             int(sample_images.shape[0]), temperature=float(temperature), training=False
         )
     return {
-        "recon_nats": -out["decoder"].log_prob(images).numpy(),
-        "kl": out["kl"].numpy(),
-        "log_q": out["log_q"].numpy(),
-        "log_p": out["log_p"].numpy(),
+        "recon_nats": out.reconstruction(images).numpy(),
+        "kl": out.kl.numpy(),
+        "log_q": out.log_q.numpy(),
+        "log_p": out.log_p.numpy(),
         "sample_nats": -prior_path.log_prob(sample_images).numpy(),
     }
 
