@@ -155,7 +155,7 @@ def test_cli_imports_and_verifies(tmp_path, capsys):
 def test_cli_refuses_a_malicious_file_in_one_line(tmp_path, capsys):
     marker = tmp_path / "pwned"
     path = write_zip_checkpoint(str(tmp_path / "evil.pt"), malicious_payload(marker))
-    code, out, err = _run_cli([path, "--out", str(tmp_path / "run")], capsys)
+    code, _, err = _run_cli([path, "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: refused")
     assert not marker.exists() and not (tmp_path / "run").exists()
 
@@ -197,3 +197,22 @@ def test_fixture_imports_and_verifies(name, tmp_path, capsys):
     )
     assert code == 0, out + err
     assert "FAIL" not in out and out.count(" ok\n") == len(COMPARED_KEYS)
+
+
+def test_init_from_refuses_another_architecture(tmp_path, capsys):
+    from nvae_tf.config import NVAEConfig
+    from trainers import train
+
+    source = tmp_path / "source"
+    source.mkdir()
+    config = config_from_args(_mnist_args()).config.replace(dataset="bundled_mnist")
+    config.to_yaml(str(source / "config.yaml"))
+    other = tmp_path / "other.yaml"
+    config.replace(num_channels_enc=8).to_yaml(str(other))
+    code = train.main(
+        ["--config", str(other), "--init-from", str(source), "--out", str(tmp_path / "new")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "another architecture: num_channels_enc (4 there, 8 here)" in err
+    assert NVAEConfig.from_yaml(str(source / "config.yaml")) == config

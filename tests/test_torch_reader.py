@@ -1,6 +1,7 @@
 """The safe PyTorch checkpoint reader: both formats, hostile and broken files (no TF model)."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,10 +25,9 @@ LEGACY, _ = fixture_paths("mnist_legacy")
 
 
 def _read_error(path):
-    with pytest.raises(CheckpointReadError) as info:
-        with TorchCheckpoint(path) as checkpoint:
-            for tensor in checkpoint.content["state_dict"].values():
-                checkpoint.array(tensor)
+    with pytest.raises(CheckpointReadError) as info, TorchCheckpoint(path) as checkpoint:
+        for tensor in checkpoint.content["state_dict"].values():
+            checkpoint.array(tensor)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -75,7 +75,7 @@ def test_a_malicious_pickle_is_refused_without_running_anything(tmp_path, contai
 
 
 def test_a_truncated_zip_file(tmp_path):
-    data = open(ZIP, "rb").read()
+    data = Path(ZIP).read_bytes()
     path = tmp_path / "cut.pt"
     path.write_bytes(data[: len(data) // 2])
     assert "truncated" in _read_error(str(path))
@@ -83,7 +83,7 @@ def test_a_truncated_zip_file(tmp_path):
 
 @pytest.mark.parametrize("keep", [0.5, 0.999])
 def test_a_truncated_legacy_file(tmp_path, keep):
-    data = open(LEGACY, "rb").read()
+    data = Path(LEGACY).read_bytes()
     path = tmp_path / "cut.pt"
     path.write_bytes(data[: int(len(data) * keep)])
     assert "truncated" in _read_error(str(path))

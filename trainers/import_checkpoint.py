@@ -1,6 +1,6 @@
 """``nvae-import``: a released PyTorch NVAE checkpoint as an nvae-tf run directory.
 
-    nvae-import CHECKPOINT.pt --out RUN [--verify REFERENCE.npz]
+    nvae-import CHECKPOINT.pt --out RUN [--data DIR] [--verify REFERENCE.npz]
 
 Needs no PyTorch: the file is read by nvae-tf's own restricted reader, which never runs code
 from it. ``RUN`` then works with nvae-eval, nvae-sample, nvae-export and nvae-info
@@ -21,6 +21,9 @@ def main(argv=None):
     p.add_argument("checkpoint", metavar="CHECKPOINT.pt", help="checkpoint saved by the original")
     p.add_argument("--out", required=True, metavar="RUN", help="new run directory to write")
     p.add_argument(
+        "--data", metavar="DIR", help="where the dataset is (the run's data_dir, for nvae-eval)"
+    )
+    p.add_argument(
         "--verify",
         metavar="REFERENCE.npz",
         help="compare with the original's zero-noise outputs; write nothing unless they match",
@@ -29,7 +32,9 @@ def main(argv=None):
     from nvae_tf.pretrained import IMPORT_ERRORS, import_checkpoint
 
     try:
-        result = import_checkpoint(args.checkpoint, args.out, reference=args.verify)
+        result = import_checkpoint(
+            args.checkpoint, args.out, reference=args.verify, data_dir=args.data
+        )
     except IMPORT_ERRORS as e:
         raise UserError(str(e)) from None
     for note in result.notes:

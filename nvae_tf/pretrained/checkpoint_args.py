@@ -10,7 +10,7 @@ original's ``evaluate.py`` does.
 
 import dataclasses
 
-from nvae_tf.config import DATASETS, NVAEConfig
+from nvae_tf.config import ARCHITECTURE_FIELDS, DATASETS, NVAEConfig
 
 # The original's dataset names -> ours.
 DATASET_NAMES = {
@@ -23,24 +23,9 @@ DATASET_NAMES = {
 }
 # Missing in checkpoints of older code versions; the original's evaluate.py fills these in.
 OLD_CHECKPOINT_DEFAULTS = {"ada_groups": False, "min_groups_per_scale": 1, "num_mixture_dec": 10}
-ARCHITECTURE_FIELDS = (
-    "num_channels_enc",
-    "num_channels_dec",
-    "num_preprocess_blocks",
-    "num_preprocess_cells",
-    "num_postprocess_blocks",
-    "num_postprocess_cells",
-    "num_cell_per_cond_enc",
-    "num_cell_per_cond_dec",
-    "num_latent_scales",
-    "num_groups_per_scale",
-    "ada_groups",
-    "min_groups_per_scale",
-    "num_latent_per_group",
-    "num_nf",
-    "num_mixture_dec",
-    "use_se",
-    "res_dist",
+# The architecture fields of the original's args (ours, less what the dataset decides).
+ARGS_ARCHITECTURE_FIELDS = tuple(
+    f for f in ARCHITECTURE_FIELDS if f not in ("image_size", "image_channels", "decoder")
 )
 TRAINING_FIELDS = (
     "epochs",
@@ -89,7 +74,7 @@ def config_from_args(args: dict) -> ArgsConversion:
     args = dict(args)
     filled = tuple(k for k in OLD_CHECKPOINT_DEFAULTS if k not in args)
     args = {**{k: OLD_CHECKPOINT_DEFAULTS[k] for k in filled}, **args}
-    missing = [k for k in ("dataset", *ARCHITECTURE_FIELDS) if k not in args]
+    missing = [k for k in ("dataset", *ARGS_ARCHITECTURE_FIELDS) if k not in args]
     if missing:
         raise UnsupportedCheckpoint(f"the checkpoint's args lack {', '.join(missing)}")
     dataset = args["dataset"]
@@ -114,7 +99,7 @@ def config_from_args(args: dict) -> ArgsConversion:
             "unsupported num_groups_per_scale: 1 with num_latent_scales: 1 (the original's "
             "single-group 'vanilla VAE' variant)"
         )
-    values = {k: args[k] for k in ARCHITECTURE_FIELDS}
+    values = {k: args[k] for k in ARGS_ARCHITECTURE_FIELDS}
     values.update({k: args[k] for k in TRAINING_FIELDS if k in args})
     values.update(
         dataset=ours,

@@ -36,8 +36,10 @@ class ImportResult:
     verification: object = None
 
 
-def import_checkpoint(checkpoint_path, out_dir, reference=None) -> ImportResult:
+def import_checkpoint(checkpoint_path, out_dir, reference=None, data_dir=None) -> ImportResult:
     """Import ``checkpoint_path`` into the new run directory ``out_dir``.
+
+    ``data_dir`` is recorded as the run's dataset location (as ``nvae-train --data``).
 
     With ``reference`` (an ``.npz``, see ``verification``) the model is checked first, and
     the run directory is written only if every compared value is within tolerance.
@@ -58,7 +60,8 @@ def import_checkpoint(checkpoint_path, out_dir, reference=None) -> ImportResult:
         ):
             raise CheckpointReadError(f"{checkpoint_path}: args or state_dict of an unknown kind")
         conversion = config_from_args(content["args"].to_dict())
-        model = NVAE(conversion.config)
+        config = conversion.config.replace(data_dir=data_dir)
+        model = NVAE(config)
         report = load_state_dict(model, content["state_dict"], checkpoint.array)
     notes = tuple(
         line
@@ -67,9 +70,9 @@ def import_checkpoint(checkpoint_path, out_dir, reference=None) -> ImportResult:
     )
     check = verify(model, reference) if reference is not None else None
     if check is not None and not check.ok:
-        return ImportResult(None, conversion.config, notes, check)
+        return ImportResult(None, config, notes, check)
     _write_run_dir(model, out_dir)
-    return ImportResult(out_dir, conversion.config, notes, check)
+    return ImportResult(out_dir, config, notes, check)
 
 
 def _check_target(out_dir):
