@@ -108,3 +108,26 @@ def test_an_unknown_format(tmp_path, content):
 
 def test_a_missing_file(tmp_path):
     assert _read_error(str(tmp_path / "nope.pt")).startswith("cannot open")
+
+
+def test_a_pickle_cannot_alter_the_readers_own_objects(tmp_path):
+    # BUILD sets attributes on what the pickle holds: on the Namespace stand-in class it is
+    # refused; on a storage type it changes a throw-away instance, never the reader's table.
+    on_class = b"\x80\x02cargparse\nNamespace\nN}X\x07\x00\x00\x00to_dictK\x01s\x86b."
+    on_type = b"\x80\x02ctorch\nFloatStorage\n}X\x04\x00\x00\x00nameX\x01\x00\x00\x00xsb."
+    assert "corrupt pickle" in _read_error(write_zip_checkpoint(str(tmp_path / "a.pt"), on_class))
+    with TorchCheckpoint(write_zip_checkpoint(str(tmp_path / "b.pt"), on_type)) as checkpoint:
+        assert checkpoint.content.name == "x"
+    assert callable(SavedArgs.to_dict)
+    with TorchCheckpoint(ZIP) as checkpoint:
+        assert checkpoint.content["args"].to_dict()["dataset"] == "mnist"
+        np.testing.assert_array_equal(
+            checkpoint.array(checkpoint.content["state_dict"]["stem.bias"]).shape, (4,)
+        )
+
+
+def test_a_broadcast_tensor_larger_than_its_storage_is_refused():
+    with TorchCheckpoint(ZIP) as checkpoint:
+        storage = checkpoint.content["state_dict"]["stem.weight"].storage
+        with pytest.raises(CheckpointReadError, match="larger than its storage"):
+            checkpoint.array(StoredTensor(storage, 0, (10**9,), (0,)))

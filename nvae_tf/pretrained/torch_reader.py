@@ -16,7 +16,9 @@ optimizer state that is never used is never read.
 
 import collections
 import dataclasses
+import functools
 import io
+import math
 import os
 import pickle
 import struct
@@ -96,11 +98,13 @@ def _rebuild_tensor(storage, offset, shape, stride, *_unused):
     return StoredTensor(storage, offset, tuple(shape), tuple(stride))
 
 
+# Each lookup makes a fresh stand-in, so that a pickle's BUILD opcodes (which may set
+# attributes on any object it holds) cannot alter this module's objects.
 _ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("argparse", "Namespace"): SavedArgs,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+    ("collections", "OrderedDict"): lambda: collections.OrderedDict,  # immutable built-in
+    ("argparse", "Namespace"): lambda: type("Namespace", (SavedArgs,), {}),
+    ("torch._utils", "_rebuild_tensor_v2"): lambda: functools.partial(_rebuild_tensor),
+    **{("torch", name): functools.partial(_StorageType, name) for name in _STORAGE_DTYPES},
 }
 
 
@@ -113,7 +117,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         try:
-            return _ALLOWED_GLOBALS[(module, name)]
+            return _ALLOWED_GLOBALS[(module, name)]()
         except (KeyError, TypeError):
             raise CheckpointReadError(
                 f"refused: the pickle asks for {module}.{name}, which a model checkpoint never "
@@ -125,13 +129,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise CheckpointReadError(f"refused: unexpected persistent id {str(pid)[:60]!r}")
         storage_type, key, _location, numel = pid[1:5]
         view = pid[5] if len(pid) == 6 else None
-        if not isinstance(storage_type, _StorageType) or not isinstance(numel, int):
-            raise CheckpointReadError(f"malformed storage record for storage {key!r}")
+        if (
+            not isinstance(storage_type, _StorageType)
+            or storage_type.name not in _STORAGE_DTYPES
+            or not isinstance(numel, int)
+            or numel < 0
+        ):
+            raise CheckpointReadError(f"malformed storage record for storage {str(key)[:40]!r}")
         ref = StorageRef(str(key), storage_type.name, numel)
         self._on_storage(ref)
         if view is not None:  # legacy view of a root storage: (view_key, offset, numel)
-            _view_key, offset, size = view
-            ref = StorageRef(ref.key, ref.type_name, size, offset)
+            try:
+                _view_key, offset, size = view
+            except (TypeError, ValueError):
+                raise CheckpointReadError(f"malformed storage view of storage {ref.key}") from None
+            if not (isinstance(offset, int) and isinstance(size, int) and 0 <= offset <= numel):
+                raise CheckpointReadError(f"malformed storage view of storage {ref.key}")
+            ref = StorageRef(ref.key, ref.type_name, min(size, numel - offset), offset)
         return ref
 
 
@@ -246,13 +260,23 @@ class TorchCheckpoint:
 
     # --- tensors ------------------------------------------------------------------------------
     def _storage_bytes(self, ref):
+        itemsize = np.dtype(_STORAGE_DTYPES[ref.type_name]).itemsize
         if self.format == "zip":
-            return self._zip_member(f"data/{ref.key}")
+            name = f"data/{ref.key}"
+            try:
+                size = self._zip.getinfo(self._prefix + name).file_size
+            except KeyError:
+                raise CheckpointReadError(
+                    f"missing storage: {name} is not in the archive"
+                ) from None
+            if size > (ref.element_offset + ref.numel) * itemsize + 64:  # a decompression bomb?
+                raise CheckpointReadError(f"storage {ref.key} is larger than its record says")
+            return self._zip_member(name)
         if ref.key not in self._legacy_offsets:
             raise CheckpointReadError(f"missing storage: {ref.key} is not in the file")
         start, numel = self._legacy_offsets[ref.key]
         self._file.seek(start)
-        return self._file.read(numel * np.dtype(_STORAGE_DTYPES[ref.type_name]).itemsize)
+        return self._file.read(numel * itemsize)
 
     def array(self, tensor: StoredTensor) -> np.ndarray:
         """The tensor as a new C-contiguous numpy array (bfloat16 widened to float32)."""
@@ -264,6 +288,10 @@ class TorchCheckpoint:
         extent = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride))
         if any(n == 0 for n in tensor.shape):
             extent = 0
+        elif math.prod(tensor.shape) > max(ref.numel, 1):  # a broadcast view: never a weight
+            raise CheckpointReadError(
+                f"tensor of shape {tensor.shape} is larger than its storage {ref.key}"
+            )
         if start + extent > min(available, ref.element_offset + ref.numel):
             raise CheckpointReadError(
                 f"storage {ref.key} is too short for a tensor of shape {tensor.shape} "
