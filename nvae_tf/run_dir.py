@@ -83,7 +83,7 @@ def check_run_dir(run_dir, config, resume):
 
 
 def check_init_from(run_dir, config):
-    """Check that the latest checkpoint of ``run_dir`` fits ``config``'s model; returns its path.
+    """Check that ``run_dir`` has a checkpoint of ``config``'s model; returns its path.
 
     For warm starts (``nvae-train --init-from``): the architecture must agree, everything
     else (dataset, training fields) may differ.

@@ -2,8 +2,9 @@
 
 The original stores its whole command line (an ``argparse.Namespace``) in every checkpoint.
 Architecture and training fields keep their names here; the dataset name fixes the image
-size, channels and output distribution as in the original (MNIST and OMNIGLOT: Bernoulli on
-32x32 binarized digits; every other set: a logistic mixture over ``num_x_bits``-bit RGB).
+size, channels and output distribution as in the original (MNIST: Bernoulli on 32x32
+binarized digits; every other set: a logistic mixture over ``num_x_bits``-bit RGB; OMNIGLOT,
+Bernoulli in the original too, has no dataset here and is refused).
 Checkpoints written before three options existed lack them; they are filled in as the
 original's ``evaluate.py`` does.
 """

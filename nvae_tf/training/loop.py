@@ -132,7 +132,6 @@ class _Run:
     resume: bool
     chief: bool
     init_from: str = None  # run directory whose model weights start this run
-    init_checkpoint: str = None  # its latest checkpoint (set by check_inputs)
     # Filled in by check_inputs():
     saved_config: object = None  # the run's config.yaml when resuming
     global_batch: int = None  # batch_size x replicas
@@ -171,7 +170,7 @@ class _Run:
 
         self.saved_config = check_run_dir(self.out_dir, self.config, self.resume)
         if self.init_from:
-            self.init_checkpoint = check_init_from(self.init_from, self.config)
+            check_init_from(self.init_from, self.config)
         c, replicas = self.config, self.strategy.num_replicas_in_sync
         self.global_batch = c.batch_size * replicas
         self.num_train = num_examples(c, "train")
@@ -226,7 +225,7 @@ class _Run:
         """Restore the latest checkpoint (if any) and create the data iterator to continue."""
         import tensorflow as tf
 
-        from nvae_tf.run_dir import checkpoint_dir
+        from nvae_tf.run_dir import checkpoint_dir, restore_model
         from nvae_tf.training.callbacks import global_step
 
         # Keras metrics are not trackable themselves; their variables are (epoch averages).
@@ -237,10 +236,10 @@ class _Run:
             tf.train.Checkpoint(**state).restore(
                 path
             ).expect_partial().assert_existing_objects_matched()
-        elif self.init_checkpoint:  # a warm start: the model's weights only
-            tf.train.Checkpoint(model=model).restore(
-                self.init_checkpoint
-            ).expect_partial().assert_existing_objects_matched()
+        elif self.init_from:  # a warm start: the weights only (EMA weights if it kept them)
+            source = restore_model(self.init_from)
+            for variable, value in zip(model.weights, source.weights, strict=True):
+                variable.assign(value)
         step = global_step(model)
         saved = self.saved_config
         same_data = saved is None or saved.data_dir == self.config.data_dir
