@@ -24,23 +24,16 @@ from nvae_tf.layers.recompute import recompute_cells, run_cells
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D
 from nvae_tf.training.guarded_optimizer import make_optimizer
-from nvae_tf.training.objective import Objective
+from nvae_tf.training.objective import LossTerms, Objective
 from nvae_tf.training.regularizers import SpectralRegularizer
 
 tfd = tfp.distributions
 
-TRAIN_METRICS = (
-    "loss",
-    "nelbo",
-    "bpd",
-    "recon",
-    "kl",
-    "beta",
-    "reg_weight",
-    "spectral",
-    "bn_penalty",
-    "grad_norm",
-)
+# What train_step reports (epoch means): the objective's terms, bits/dim and the gradient norm.
+TRAIN_METRICS = (*LossTerms._fields, "bpd", "grad_norm")
+# A latent channel is "active" when its KL, summed over space, exceeds this (nats; the
+# original's threshold in its per-channel KL diagnostics).
+ACTIVE_KL_THRESHOLD = 0.1
 MNIST_CROP = 2  # 28x28 digits padded to 32x32; the likelihood is scored on the 28x28 crop
 
 

@@ -125,7 +125,7 @@ def restore_model(run_dir, use_ema=True, config=None):
     fields must match the checkpoint.
     """
     from nvae_tf.model import NVAE
-    from nvae_tf.training.guarded_optimizer import make_optimizer, moving_averages
+    from nvae_tf.training.guarded_optimizer import make_optimizer
 
     config = config or load_run_config(run_dir)
     path = latest_checkpoint(run_dir)
@@ -136,9 +136,6 @@ def restore_model(run_dir, use_ema=True, config=None):
         optimizer.build(model.trainable_variables)
         objects["optimizer"] = optimizer
     tf.train.Checkpoint(**objects).restore(path).expect_partial()
-    if "optimizer" in objects:
-        for variable, average in zip(
-            model.trainable_variables, moving_averages(objects["optimizer"])
-        ):
-            variable.assign(average)
+    if "optimizer" in objects:  # the weights become their moving averages
+        objects["optimizer"].finalize_variable_values(model.trainable_variables)
     return model

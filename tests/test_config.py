@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 import yaml
-from conftest import tiny_config
+from support import tiny_config
 
 from nvae_tf.config import ConfigError, NVAEConfig
 

@@ -123,7 +123,7 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
     import tensorflow_probability as tfp
 
     sys.path.insert(0, str(HERE))
-    from conftest import binary_images, tiny_config
+    from support import binary_images, tiny_config
 
     from nvae_tf.layers import latent_group
     from nvae_tf.layers.normalization import BatchNorm

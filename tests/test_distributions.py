@@ -1,9 +1,5 @@
 """Tests for nvae_tf.distributions (spec 3.1-3.6)."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import numpy as np
 import pytest
 import tensorflow as tf

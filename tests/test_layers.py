@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_config
+from support import tiny_config
 
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.layers.combiners import DecoderCombiner, EncoderCombiner

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import binary_images, colour_config, colour_images, tiny_config
+from support import binary_images, colour_config, colour_images, tiny_config
 
 from nvae_tf.config import NVAEConfig
 from nvae_tf.inference.likelihood import importance_weighted

@@ -12,12 +12,10 @@ import socket
 import subprocess
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import numpy as np
 import pytest
-from conftest import ROOT, SMALL_SHRUNK
-from conftest import SMALL_CONFIG as SMALL
+from support import ROOT, SMALL_SHRUNK
+from support import SMALL_CONFIG as SMALL
 
 TINY = SMALL_SHRUNK + ["batch_size=8", "epochs=2"]
 STEPS = 4

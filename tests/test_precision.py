@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import colour_config, colour_images
+from support import colour_config, colour_images
 
 from nvae_tf.inference.likelihood import importance_weighted
 from nvae_tf.model import NVAE

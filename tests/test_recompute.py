@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import binary_images, tiny_config
+from support import binary_images, tiny_config
 
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.layers.recompute import recompute_cells, run_cells

@@ -2,13 +2,11 @@
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_config
 from PIL import Image
+from support import tiny_config
 from tiny_runs import Run
 
 from nvae_tf.inference import bn_readjust, sampling

@@ -1,9 +1,6 @@
 """Optimizer, schedules and KL balancing against the formulas of spec 5.2-5.8."""
 
 import math
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
 import numpy as np

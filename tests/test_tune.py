@@ -9,8 +9,6 @@ import pathlib
 import subprocess
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import keras_tuner
 import pytest
 import yaml

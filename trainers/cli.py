@@ -5,10 +5,30 @@ import functools
 import os
 import sys
 
+VERBOSE_FLAG = "--verbose"
 
-def quiet_tensorflow():
-    """Silence TensorFlow's C++ start-up chatter before it is imported."""
+
+def quiet_tensorflow(verbose=False):
+    """Import TensorFlow without its C++ start-up chatter, unless ``verbose``.
+
+    ``TF_CPP_MIN_LOG_LEVEL`` covers TensorFlow's own log, but the lines that absl writes before
+    its logging is initialised (oneDNN, CUDA stubs, cuInit on a machine without a GPU) ignore
+    it: stderr is pointed at /dev/null while TensorFlow loads and finds its devices.
+    """
+    if verbose or "tensorflow" in sys.modules:
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class UserError(Exception):
@@ -20,7 +40,7 @@ def entry_point(main):
 
     @functools.wraps(main)
     def wrapper(argv=None):
-        quiet_tensorflow()
+        quiet_tensorflow(VERBOSE_FLAG in (sys.argv[1:] if argv is None else argv))
         from nvae_tf.config import ConfigError
         from nvae_tf.data import DataError
 
@@ -66,4 +86,9 @@ def positive_int(text):
 
 
 def parser(description):
-    return argparse.ArgumentParser(description=description)
+    """An argument parser with the flags every nvae-* command shares."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument(
+        VERBOSE_FLAG, action="store_true", help="show TensorFlow's own start-up and log messages"
+    )
+    return p

@@ -50,12 +50,6 @@ class CroppedBernoulli(tfd.Distribution):
             logits=self._logits, dtype=tf.float32, validate_args=self.validate_args
         )
 
-    def _batch_shape(self):
-        return self._logits.shape[:-3]
-
-    def _batch_shape_tensor(self):
-        return tf.shape(self._logits)[:-3]
-
     def _event_shape(self):
         return self._logits.shape[-3:]
 

@@ -107,12 +107,6 @@ class DiscretizedLogisticMixture(tfd.Distribution):
     def temperature(self):
         return self._temperature
 
-    def _batch_shape(self):
-        return self._params.shape[:-1]
-
-    def _batch_shape_tensor(self):
-        return tf.shape(self._params)[:-1]
-
     def _event_shape(self):
         return tf.TensorShape([3])
 

@@ -12,8 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted, mean_and_standard_error
-
-ACTIVE_KL_THRESHOLD = 0.1  # nats per channel, summed over space (the original's kl_diag)
+from nvae_tf.model import ACTIVE_KL_THRESHOLD
 
 
 def evaluation_dataset(config, split, batch_size, seed, num_images=None):

@@ -9,6 +9,7 @@ of training batches consumed: applied steps (``optimizer.iterations``) plus skip
 
 import csv
 import os
+import sys
 import time
 
 import keras
@@ -16,9 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 from nvae_tf.inference.image_grid import grid
+from nvae_tf.model import ACTIVE_KL_THRESHOLD
 from nvae_tf.training.schedules import kl_coefficient, regularizer_weight
 
-ACTIVE_UNIT_KL = 0.1  # a latent channel is "active" when its KL exceeds this (nats, spec 3.3)
 SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # the original's sample grids (spec 5.10)
 PROBE_SEED = (2020, 1)  # fixed noise for logging passes: they never touch the model's generator
 TRAIN_COLUMNS = (
@@ -140,7 +141,7 @@ class TrainingDiagnostics(keras.callbacks.Callback):
             self._probe = probe
         self._logged_step = step
         kl, kl_per_channel = (t.numpy() for t in self._probe(self.probe_images))
-        active = (kl_per_channel > ACTIVE_UNIT_KL).sum(axis=1)
+        active = (kl_per_channel > ACTIVE_KL_THRESHOLD).sum(axis=1)
         values = {"step": step, "epoch": self._epoch, "active_units": int(active.sum())}
         for g in range(len(kl)):
             values[f"kl_group_{g}"] = float(kl[g])
@@ -390,7 +391,8 @@ class ProgressBar(keras.callbacks.Callback):
 
     def __init__(self, verbose=1):
         super().__init__()
-        self.verbose = verbose
+        # Keras' live bar writes terminal control and colour codes: lines only into files.
+        self.verbose = 2 if verbose == 1 and not sys.stdout.isatty() else verbose
         self._bar = None
         self._seen = 0
 

@@ -73,11 +73,6 @@ class GuardedOptimizer(keras.optimizers.LossScaleOptimizer):
         return {**super().get_config(), "dynamic": self.dynamic}
 
 
-def moving_averages(optimizer):
-    """The EMA weights a ``GuardedOptimizer`` keeps, in trainable-variable order (``use_ema``)."""
-    return optimizer.inner_optimizer._model_variables_moving_average
-
-
 def make_optimizer(config, steps_per_epoch):
     """NVAE's Adamax with warm-up + cosine learning rate (spec 5.7, 5.8), guarded."""
     schedule = NVAELearningRate(

@@ -35,7 +35,7 @@ CHECKPOINT_EVERY = 1000
 KEEP_CHECKPOINTS = 3
 PROBE_IMAGES = 64  # fixed held-out batch for per-group KL, active units and image grids
 EVAL_SEED = 7  # fixed posterior noise for held-out ELBOs: comparable across evaluations
-TRAIN_RESULTS = ("loss", "nelbo", "bpd", "recon", "kl", "grad_norm", "spectral", "bn_penalty")
+SCHEDULE_VALUES = ("beta", "reg_weight")  # reported by train_step but not results
 METRICS_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -291,6 +291,7 @@ class _Run:
         import keras
         import tensorflow as tf
 
+        from nvae_tf.model import TRAIN_METRICS
         from nvae_tf.run_dir import checkpoint_dir, remove_partial_saves
         from nvae_tf.training.callbacks import CSVMetrics
 
@@ -348,7 +349,11 @@ class _Run:
             result = {
                 "step": step,
                 "skipped_steps": int(model.optimizer.skipped_steps.numpy()),
-                **{f"train_{k}": float(v) for k, v in logs.items() if k in TRAIN_RESULTS},
+                **{
+                    f"train_{k}": float(v)
+                    for k, v in logs.items()
+                    if k in TRAIN_METRICS and k not in SCHEDULE_VALUES
+                },
                 **{f"test_{k}": v for k, v in test.items()},
             }
             if verbose:
@@ -494,12 +499,8 @@ def _ema_weights(model):
     if not model.config.ema_decay:
         yield
         return
-    from nvae_tf.training.guarded_optimizer import moving_averages
-
-    averages = moving_averages(model.optimizer)
     backup = [v.numpy() for v in model.trainable_variables]
-    for variable, average in zip(model.trainable_variables, averages):
-        variable.assign(average)
+    model.optimizer.finalize_variable_values(model.trainable_variables)
     try:
         yield
     finally:

@@ -14,6 +14,8 @@ and a read in cross-replica context (checkpointing) takes replica 0's value.
 import keras
 import tensorflow as tf
 
+from nvae_tf.layers.tracking import CheckpointListsMixin
+
 _NORMALIZE_EPS = 1e-3  # F.normalize(eps=1e-3) in the original
 
 
@@ -29,7 +31,7 @@ class _Refs:
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
-class SpectralRegularizer(keras.layers.Layer):
+class SpectralRegularizer(CheckpointListsMixin, keras.layers.Layer):
     """``SR = sum over conv layers of sigma_max(W)``, by batched power iteration.
 
     Construct empty, then ``build_for(conv_layers)`` once the layers are built. Every call runs
@@ -48,7 +50,7 @@ class SpectralRegularizer(keras.layers.Layer):
         self.num_power_iter = int(num_power_iter)
         self._convs = _Refs(())
         self._groups = ()
-        self._group_names = ()
+        self.u_vars, self.v_vars = [], []
 
     def build(self, input_shape=None):
         raise ValueError("SpectralRegularizer is built with build_for(conv_layers)")
@@ -73,25 +75,19 @@ class SpectralRegularizer(keras.layers.Layer):
             groups.setdefault((rows, cols), []).append(i)
         self._convs = _Refs(conv_layers)
         self._groups = tuple(tuple(idx) for idx in groups.values())
-        # Attributes named by shape, not lists: Keras 3 wraps lists in a TrackedList that
-        # tf.train.Checkpoint does not follow.
-        self._group_names = tuple(f"{rows}x{cols}" for rows, cols in groups)
         with keras.name_scope(self.name, caller=self):
-            for name, ((rows, cols), idx) in zip(self._group_names, groups.items()):
-                setattr(self, f"u_{name}", self._state(f"u_{name}", (len(idx), rows)))
-                setattr(self, f"v_{name}", self._state(f"v_{name}", (len(idx), cols)))
+            # Left / right singular vector estimates, one (layers, rows) / (layers, cols)
+            # variable per shape group.
+            self.u_vars = [
+                self._state(f"u_{rows}x{cols}", (len(idx), rows))
+                for (rows, cols), idx in groups.items()
+            ]
+            self.v_vars = [
+                self._state(f"v_{rows}x{cols}", (len(idx), cols))
+                for (rows, cols), idx in groups.items()
+            ]
             self.initialized = self._state("initialized", (), "zeros", dtype="bool")
         self.built = True
-
-    @property
-    def u_vars(self):
-        """Left singular vector estimates, one (layers, rows) variable per shape group."""
-        return [getattr(self, f"u_{name}") for name in self._group_names]
-
-    @property
-    def v_vars(self):
-        """Right singular vector estimates, one (layers, cols) variable per shape group."""
-        return [getattr(self, f"v_{name}") for name in self._group_names]
 
     @staticmethod
     def _state(name, shape, initializer="random_normal", dtype="float32"):
