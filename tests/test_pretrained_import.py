@@ -199,20 +199,17 @@ def test_fixture_imports_and_verifies(name, tmp_path, capsys):
     assert "FAIL" not in out and out.count(" ok\n") == len(COMPARED_KEYS)
 
 
-def test_init_from_refuses_another_architecture(tmp_path, capsys):
-    from nvae_tf.config import NVAEConfig
-    from trainers import train
+def test_init_from_refuses_another_architecture(tmp_path):
+    from nvae_tf.config import ConfigError
+    from nvae_tf.training.loop import train
 
     source = tmp_path / "source"
     source.mkdir()
     config = config_from_args(_mnist_args()).config.replace(dataset="bundled_mnist")
     config.to_yaml(str(source / "config.yaml"))
-    other = tmp_path / "other.yaml"
-    config.replace(num_channels_enc=8).to_yaml(str(other))
-    code = train.main(
-        ["--config", str(other), "--init-from", str(source), "--out", str(tmp_path / "new")]
-    )
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1
-    assert "another architecture: num_channels_enc (4 there, 8 here)" in err
-    assert NVAEConfig.from_yaml(str(source / "config.yaml")) == config
+    with pytest.raises(ConfigError) as info:
+        train(config.replace(num_channels_enc=8), str(tmp_path / "new"), init_from=str(source))
+    assert "another architecture: num_channels_enc (4 there, 8 here)" in str(info.value)
+    assert "\n" not in str(info.value) and not (tmp_path / "new").exists()
+    with pytest.raises(ConfigError, match="cannot be combined with --resume"):
+        train(config, str(tmp_path / "new"), init_from=str(source), resume=True)

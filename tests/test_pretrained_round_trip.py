@@ -11,7 +11,7 @@ from pretrained_files import fixture_paths
 
 from nvae_tf.pretrained import TorchCheckpoint
 from nvae_tf.run_dir import restore_model
-from trainers import export, import_checkpoint, info, sample, train
+from trainers import export, import_checkpoint, info, sample
 
 pytestmark = pytest.mark.slow  # an import, a sampling run and an export (four traced graphs)
 
@@ -46,14 +46,16 @@ def test_import_then_info_sample_and_export(tmp_path, capsys):
 
 
 def test_fine_tuning_starts_from_the_imported_weights(tmp_path):
+    from nvae_tf.config import NVAEConfig
+    from nvae_tf.training.loop import train
+
     checkpoint, _ = fixture_paths("mnist_zip")
     run, tuned = str(tmp_path / "run"), str(tmp_path / "tuned")
     assert import_checkpoint.main([checkpoint, "--out", run]) == 0
-    settings = ["dataset=bundled_mnist", "batch_size=8", "epochs=2", "learning_rate=1e-3"]
-    argv = ["--config", os.path.join(run, "config.yaml"), "--init-from", run, "--out", tuned]
-    for item in settings:
-        argv += ["--set", item]
-    assert train.main([*argv, "--steps", "1", "--verbose", "0"]) == 0
+    config = NVAEConfig.from_yaml(os.path.join(run, "config.yaml")).replace(
+        dataset="bundled_mnist", batch_size=8, epochs=2, learning_rate=1e-3
+    )
+    train(config, tuned, steps=1, init_from=run, verbose=0)
     before, after = restore_model(run), restore_model(tuned)
     # One small step moves the weights a little; a fresh initialization would be far away.
     assert 0 < np.max(np.abs(after.h.numpy() - before.h.numpy())) < 0.05
