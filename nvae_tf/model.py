@@ -1,6 +1,6 @@
-"""The NVAE model (spec 1): bottom-up encoder, top-down hierarchy of latent groups, decoder.
+"""The NVAE model (paper §2-3): bottom-up encoder, top-down hierarchy of latent groups, decoder.
 
-Forward pass, top-down once::
+Forward pass, top-down once (docs/design.md#forward-pass)::
 
     x -> 2x-1 -> stem -> pre-process cells -> encoder blocks (one feature per latent group)
     s = h (learned)
@@ -32,7 +32,7 @@ tfd = tfp.distributions
 # What train_step reports (epoch means): the objective's terms, bits/dim and the gradient norm.
 TRAIN_METRICS = (*LossTerms._fields, "bpd", "grad_norm")
 # A latent channel is "active" when its KL, summed over space, exceeds this (nats; the
-# original's threshold in its per-channel KL diagnostics).
+# original's threshold in its per-channel KL diagnostics; paper §4.3, footnote 5).
 ACTIVE_KL_THRESHOLD = 0.1
 MNIST_CROP = 2  # 28x28 digits padded to 32x32; the likelihood is scored on the 28x28 crop
 
@@ -241,7 +241,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
     ):
         """Walk the prior at latent ``temperature``; returns p(x | z) of the samples.
 
-        ``training=True`` runs batch norm in training mode (BN re-adjustment, paper 4.2).
+        ``training=True`` runs batch norm in training mode (BN re-adjustment, paper §4.2).
         The first ``num_fixed_groups`` groups draw their z from ``fixed_seed`` instead of
         ``seed``: calls that share ``fixed_seed`` and ``num_samples`` share those z sample by
         sample while the lower groups vary with ``seed`` (paper Fig. 12).
@@ -307,7 +307,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
             raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype.name}")
         return x
 
-    # --- training (spec 5) ----------------------------------------------------------------------
+    # --- training (docs/design.md#objective) ----------------------------------------------------
     def compile(self, steps_per_epoch, optimizer=None, **kwargs):
         """Prepare ``fit``: NVAE's guarded Adamax + schedule unless ``optimizer`` is given.
 
@@ -364,7 +364,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
 
     # --- parts used by the regularizers ---------------------------------------------------------
     def conv_layers(self):
-        """Every conv of the model (the spectral regularizer's set, spec 5.4)."""
+        """Every conv (the spectral regularizer's set, docs/design.md#spectral-regularization)."""
         return [layer for layer in self._flatten_layers() if isinstance(layer, Conv2D)]
 
     def batchnorm_layers(self):

@@ -10,9 +10,10 @@ Making the two runs comparable:
     replicated batch is split, so the posterior samples would differ from the single-device
     run. The worker patches the posterior to "sample" its mean (z = mu(x)), which removes the
     noise and keeps the gradients of every weight (a deterministic auto-encoding pass).
-  * KL balancing (spec 5.3) weights the groups by the LOCAL replica batch mean of the KL, as
-    in the original (which does not all-reduce it), so it legitimately differs between 1 and 2
-    replicas while beta < 1; the comparison runs with ``kl_balance: false``.
+  * KL balancing (docs/design.md#kl-balancing) weights the groups by the LOCAL replica batch
+    mean of the KL, as in the original (which does not all-reduce it), so it legitimately
+    differs between 1 and 2 replicas while beta < 1; the comparison runs with
+    ``kl_balance: false``.
   * Everything else is replica-exact: BN statistics are all-reduced, gradients are summed over
     replicas of (local mean loss / replicas), the spectral power-iteration vectors start equal.
 Tolerances: loss and NELBO rtol 1e-5; weights after one Adamax step (lr 1e-2) atol 3e-5, i.e.

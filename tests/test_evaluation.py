@@ -205,8 +205,8 @@ def test_evaluate_equals_the_per_batch_model_likelihood(runs):
     "argv, message",
     [
         (["--checkpoint", "/nonexistent/run"], "config.yaml"),
-        (["--num-iw-samples", "0"], "--num-iw-samples must be >= 1"),
-        (["--batch-size", "-2"], "--batch-size must be >= 1"),
+        (["--num-iw-samples", "0"], "argument --num-iw-samples: must be >= 1"),
+        (["--batch-size", "-2"], "argument --batch-size: must be >= 1"),
     ],
 )
 def test_eval_cli_user_errors_are_one_line(runs, capsys, argv, message):

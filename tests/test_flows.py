@@ -1,4 +1,4 @@
-"""Tests for nvae_tf.layers.flows: masks (spec 4), autoregressive Jacobians, bijector, serialization."""
+"""layers.flows (docs/design.md#flows): masks, autoregressive Jacobians, bijector, serialization."""
 
 import math
 
@@ -125,7 +125,7 @@ def test_masked_conv_applies_mask_before_weight_norm():
     kernel = conv.effective_kernel().numpy()
     assert np.all(kernel[mask == 0] == 0.0)
     assert np.all(kernel[mask == 1] != 0.0)
-    # Initial log-norm = log(||masked v|| + 0.01) - log(10), per output channel (spec 2.7, 4).
+    # Initial log-norm: log(||masked v|| + 0.01) - log(10) per channel (docs/design.md#flows).
     v = conv.kernel.numpy() * mask
     expected = np.log(np.sqrt((v**2).sum(axis=(0, 1, 2))) + 0.01) - math.log(10.0)
     np.testing.assert_allclose(conv.log_g.numpy(), expected, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""The whole model: parameter counts from the spec's rules, forward outputs, IW estimates, API."""
+"""The whole model: parameter counts from the original's rules, outputs, IW estimates, API."""
 
 import json
 import os
@@ -22,12 +22,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- parameter count
-# Written from spec 1.2-1.6, 2.2-2.7 and 4 only (the original AutoEncoder.__init__ walk), not
-# from nvae_tf: a second, independent description of the architecture.
+# Written from the original's construction rules only (its AutoEncoder.__init__, model.py:104;
+# docs/design.md#layout-rules, #cells, #latent-groups, #flows), not from nvae_tf: a second,
+# independent description of the architecture.
 
 
 def wn_conv(k, cin, cout, bias=True):
-    """Weight-normalized conv: kernel, per-output log-norm, optional bias (spec 2.7)."""
+    """WN conv: kernel, per-output log-norm, optional bias (docs/design.md#weight-normalization)."""
     return k * k * cin * cout + cout + (cout if bias else 0)
 
 
@@ -43,7 +44,7 @@ def squeeze_excitation(c, use_se):
 
 
 def encoder_cell(c, down, use_se):
-    """BN-Swish-Conv3x3 twice + SE (spec 2.3); a down cell doubles C, FactorizedReduce skip."""
+    """BN-Swish-Conv3x3 twice + SE (docs/design.md#cells); down cell: 2C, FactorizedReduce skip."""
     cout = 2 * c if down else c
     n = batch_norm(c) + wn_conv(3, c, cout) + batch_norm(cout) + wn_conv(3, cout, cout)
     n += squeeze_excitation(cout, use_se)
@@ -54,7 +55,7 @@ def encoder_cell(c, down, use_se):
 
 
 def decoder_cell(c, expansion, up, use_se):
-    """Inverted residual (spec 2.4): hidden from the INPUT width, inner convs without WN/bias."""
+    """Inverted residual (docs/design.md#cells): hidden from the INPUT width, inner convs plain."""
     cout = c // 2 if up else c
     hidden = c * expansion
     n = (
@@ -73,18 +74,19 @@ def decoder_cell(c, expansion, up, use_se):
 
 
 def flow_pairs(num_nf, z):
-    """num_nf pairs of CellAR (spec 4): masked WN convs 3x3 z->6z, dw 5x5, 1x1 6z->z + bias."""
+    """num_nf IAF pairs (docs/design.md#flows): masked WN 3x3 z->6z, dw 5x5, 1x1 6z->z + bias."""
     cell = wn_conv(3, z, 6 * z, bias=False) + (25 * 6 * z + 6 * z) + wn_conv(1, 6 * z, z)
     return num_nf * 2 * cell
 
 
 def spec_trainable_params(c):
-    """Trainable parameters of the original NVAE built from config ``c``, by the spec's rules.
+    """Trainable parameters of the original NVAE built from config ``c``, by its own rules.
 
-    Also returns the number of BN layers (spec 2.8: 2 per encoder cell, 4 per decoder cell).
+    Also returns the number of BN layers (2 per encoder cell, 4 per decoder cell;
+    docs/design.md#batch-normalization).
     """
     z, se = c.num_latent_per_group, c.use_se
-    # Spec 1.3: groups per scale, highest resolution first.
+    # Groups per scale (docs/design.md#layout-rules), highest resolution first.
     groups, n = [], c.num_groups_per_scale
     for _ in range(c.num_latent_scales):
         groups.append(n)
@@ -191,7 +193,7 @@ def test_trainable_params_equal_spec_count(make, overrides):
 
 
 def test_small_config_count_matches_nvae_info_cli():
-    """``nvae-info --json`` reports the layout and the same count as the spec walk."""
+    """``nvae-info --json`` reports the layout and the same count as ``spec_trainable_params``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(
         [sys.executable, "-m", "trainers.info", "--config", "configs/small.yaml", "--json"],
@@ -323,7 +325,7 @@ def test_top_prior_sigma_is_1_01(bernoulli_model):
 
 
 def test_decoder_sees_z_only(bernoulli_model):
-    """The decoder output depends on x only through z (spec 1.1): same z -> same logits."""
+    """Decoder output depends on x only via z (docs/design.md#forward-pass): same z, same logits."""
     model = bernoulli_model
     a = model(binary_images(2, seed=1), training=False, seed=[9, 9])
     b = model(binary_images(2, seed=2), training=False, seed=[9, 9])
@@ -334,7 +336,7 @@ def test_decoder_sees_z_only(bernoulli_model):
     np.testing.assert_array_equal(d1, d2)
 
 
-# ----------------------------------------------------------------------------- IW estimate (spec 6)
+# ---------------------------------------------------------- IW estimate (docs/design.md#evaluation)
 
 
 @pytest.fixture(scope="module")

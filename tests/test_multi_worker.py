@@ -93,7 +93,7 @@ def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(tmp_pa
         "2",
         "--checkpoint-every",
         "2",
-        "--verbose",
+        "--progress",
         "2",
     ]
     for item in TINY:

@@ -1,4 +1,6 @@
-"""Mixed precision (spec 5.9): float16 with dynamic loss scaling from 2^10, bfloat16, float32.
+"""Mixed precision: float16 with dynamic loss scaling from 2^10, bfloat16, float32.
+
+What the original does and what we do: docs/design.md#mixed-precision-and-memory.
 
 On this CPU float16 convolutions are very slow, so the model is the tiny 16x16 RGB config
 (base width 4, logistic mixture, one flow pair per group). Every model is built under its

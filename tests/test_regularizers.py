@@ -1,4 +1,4 @@
-"""Tests for nvae_tf.training.regularizers: spectral regularizer (spec 5.4) and BN penalty (spec 5.5)."""
+"""training.regularizers: spectral regularizer and BN penalty (docs/design.md#objective)."""
 
 import os
 import subprocess

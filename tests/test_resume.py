@@ -36,7 +36,7 @@ def cli(out, *extra):
         SMALL,
         "--out",
         str(out),
-        "--verbose",
+        "--progress",
         "0",
     ]
     for item in TINY:

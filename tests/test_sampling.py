@@ -67,12 +67,12 @@ def test_sample_cli_grid_size_seed_and_library_agreement(run, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--temperature", "0"], "--temperature must be a number > 0"),
-        (["--temperature", "-1"], "--temperature must be a number > 0"),
-        (["--temperature", "inf"], "--temperature must be a number > 0"),
-        (["--decoder-temperature", "0"], "--decoder-temperature must be a number > 0"),
+        (["--temperature", "0"], "argument --temperature: must be a number > 0"),
+        (["--temperature", "-1"], "argument --temperature: must be a number > 0"),
+        (["--temperature", "inf"], "argument --temperature: must be a number > 0"),
+        (["--decoder-temperature", "0"], "argument --decoder-temperature: must be a number > 0"),
         (["--fix-top-scales", "3"], "--fix-top-scales takes 0..2"),
-        (["--num", "0"], "--num must be >= 1"),
+        (["--num", "0"], "argument --num: must be >= 1"),
         (["--reconstruct", "/nonexistent.png"], "cannot read image"),
     ],
 )

@@ -54,7 +54,7 @@ def test_cli_smoke_run_writes_the_run_directory(tmp_path):
             "2",
             "--checkpoint-every",
             "2",
-            "--verbose",
+            "--progress",
             "2",
         )
     )
@@ -166,7 +166,7 @@ def test_skip_guard_stops_a_run_whose_every_step_is_non_finite(tmp_path, capsys,
             "max_skipped_steps=3",
             "--checkpoint-every",
             "1",
-            "--verbose",
+            "--progress",
             "0",
         )
     )

@@ -2,6 +2,7 @@
 
 import argparse
 import functools
+import math
 import os
 import sys
 
@@ -75,19 +76,37 @@ def load_config(args):
 
 
 def positive_int(text):
-    """argparse type: an integer >= 1."""
+    """argparse type: an integer >= 1 (the one check every count argument uses)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0 (temperatures)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports bad arguments like any other user error: one line, exit status 2."""
+
+    def error(self, message):
+        raise UserError(message)
 
 
 def parser(description):
     """An argument parser with the flags every nvae-* command shares."""
-    p = argparse.ArgumentParser(description=description)
+    p = _Parser(description=description)
     p.add_argument(
         VERBOSE_FLAG, action="store_true", help="show TensorFlow's own start-up and log messages"
     )

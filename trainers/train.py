@@ -103,7 +103,7 @@ def build_parser():
         help=f"checkpoints to keep (default {KEEP_CHECKPOINTS})",
     )
     p.add_argument(
-        "--verbose",
+        "--progress",
         type=int,
         choices=(0, 1, 2),
         default=1,
@@ -156,7 +156,7 @@ def main(argv=None):
             resume=args.resume,
             init_from=args.init_from,
             strategy=make_strategy(strategy_name),
-            verbose=args.verbose,
+            verbose=args.progress,
             log_every=args.log_every,
             image_every=args.image_every,
             checkpoint_every=args.checkpoint_every,

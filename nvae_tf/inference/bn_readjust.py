@@ -1,4 +1,4 @@
-"""Batch-norm re-adjustment for sampling (paper 4.2, spec 7), stored per temperature.
+"""Batch-norm re-adjustment for sampling (paper §4.2, docs/design.md#sampling), per temperature.
 
 Samples at a reduced temperature have other activation statistics than the training data, so
 the decoder's BN moving averages are re-estimated from prior samples: ``num_passes`` sampling

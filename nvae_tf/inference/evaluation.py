@@ -1,5 +1,5 @@
-"""Dataset-level evaluation (spec 6): importance-weighted NLL and ELBO with standard errors,
-KL per latent group and the number of active latent channels.
+"""Dataset-level evaluation (docs/design.md#evaluation): importance-weighted NLL and ELBO with
+standard errors, KL per latent group and the number of active latent channels.
 
 Every batch runs one compiled step: K posterior samples per image in chunks
 (``nvae_tf.inference.likelihood``), plus one more posterior pass for the KL statistics. With a

@@ -1,4 +1,4 @@
-"""Importance-weighted log-likelihood and ELBO per image, in nats (spec 3.6, 6).
+"""Importance-weighted log-likelihood and ELBO per image, in nats (docs/design.md#evaluation).
 
 ``log p(x) ~= logsumexp_k(log p(x|z_k) + log p(z_k) - log q(z_k|x)) - log K`` over K posterior
 samples. The K samples are drawn in chunks (the batch tiled ``chunk`` times per forward pass) so

@@ -1,9 +1,10 @@
-"""Pictures from a trained NVAE: prior samples, reconstructions, fixed-top-scale grids (spec 7).
+"""Pictures from a trained NVAE: prior samples, reconstructions, fixed-top-scale grids.
 
-Latent ``temperature`` scales every group's prior sigma, the top prior's 1.01 included (spec
-3.1). ``decoder_temperature`` scales the logistic noise of the colour decoder by T (the original
-divides by T, spec 3.4). Pixels are Bernoulli means for binary data and, for colour images,
-decoder samples or, with ``mean=True``, the mixture mean; as in the original's sampling code.
+Latent ``temperature`` scales every group's prior sigma, the top prior's 1.01 included (paper
+§4.2, docs/design.md#sampling). ``decoder_temperature`` scales the logistic noise of the colour
+decoder by T (the original divides by T: docs/design.md#mixture-temperature). Pixels are
+Bernoulli means for binary data and, for colour images, decoder samples or, with ``mean=True``,
+the mixture mean; as in the original's sampling code.
 """
 
 import numpy as np

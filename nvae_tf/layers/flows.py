@@ -1,4 +1,4 @@
-"""Inverse autoregressive flows on the approximate posterior (spec 4, spec 11.1).
+"""Inverse autoregressive flows on the approximate posterior (paper §3.2; docs/design.md#flows).
 
 NVAE applies ``num_nf`` pairs of volume-preserving shift flows to every group's posterior
 sample: ``z <- z - mu(z)`` where ``mu`` is a masked (autoregressive) conv net, so ``mu`` at
@@ -169,7 +169,8 @@ class AutoregressiveShift(keras.layers.Layer):
         s = tf.nn.elu(self.conv_in(tf.cast(z, self.compute_dtype)))
         s = tf.nn.elu(self.conv_dw(s))
         # The mu head applies ELU once more: a double ELU in a row, a known quirk of the
-        # original (issue #25) kept there, and here, so the architecture matches its checkpoints.
+        # original (NVlabs/NVAE issue #25) kept there, and here, so the architecture matches its
+        # checkpoints (docs/design.md#original-quirks-we-keep).
         return self.conv_mu(tf.nn.elu(s))
 
     def call(self, z):

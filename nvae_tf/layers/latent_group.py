@@ -3,7 +3,7 @@
 Group 0 is the top (lowest-resolution) group: its prior is the fixed Normal(0, 1.01) and its
 posterior comes from ``enc0`` on the final bottom-up feature. Every later group predicts its
 prior from the top-down state and forms its posterior residually from the bottom-up feature
-mixed in by the encoder combiner (spec 1.1, 1.5, 1.6, 3.2, 3.3).
+mixed in by the encoder combiner (paper §2, §3.2; docs/design.md#latent-groups).
 """
 
 from typing import NamedTuple
@@ -120,14 +120,14 @@ class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
         log_q = q.log_prob(z)
         log_det = None
         if self.flow is not None:
-            # Flows are volume preserving (log-det 0) but subtracted for generality (spec 4).
-            # The flow returns a per-sample (B,) log-det, and its output in the layer's compute
-            # dtype: the distributions work in float32.
+            # Flows are volume preserving (log-det 0, docs/design.md#flows) but subtracted for
+            # generality. The flow returns a per-sample (B,) log-det, and its output in the
+            # layer's compute dtype: the distributions work in float32.
             z, log_det = self.flow(z)
             z = tf.cast(z, tf.float32)
             log_det = tf.cast(log_det, tf.float32)
         log_p = prior.log_prob(z)
-        # With flows the KL is the single-sample estimate; without, analytic (spec 3.3).
+        # KL: one-sample estimate with flows, else analytic (docs/design.md#latent-distributions).
         kl = log_q - log_p if self.flow is not None else q.kl_divergence(prior)
         log_q_sum = tf.reduce_sum(log_q, axis=[1, 2, 3])
         kl_sum = tf.reduce_sum(kl, axis=[1, 2, 3])

@@ -16,11 +16,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from nvae_tf.files import write_atomically
 from nvae_tf.inference.image_grid import grid
 from nvae_tf.model import ACTIVE_KL_THRESHOLD
 from nvae_tf.training.schedules import kl_coefficient, regularizer_weight
 
-SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # the original's sample grids (spec 5.10)
+SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # as the original's grids, docs/design.md#training-loop
 PROBE_SEED = (2020, 1)  # fixed noise for logging passes: they never touch the model's generator
 TRAIN_COLUMNS = (
     "loss",
@@ -281,10 +282,7 @@ class CSVMetrics(_RowWriter):
         for row in rows[1:]:
             if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= step:
                 keep.append(row)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: csv.writer(f).writerows(keep))
 
 
 def _csv_value(value):

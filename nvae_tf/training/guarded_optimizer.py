@@ -15,7 +15,7 @@ import tensorflow as tf
 from nvae_tf.training.optimizer import NVAEAdamax
 from nvae_tf.training.schedules import NVAELearningRate
 
-INITIAL_LOSS_SCALE = 2.0**10  # the original's GradScaler(init_scale=2**10) (spec 5.9)
+INITIAL_LOSS_SCALE = 2.0**10  # as the original (docs/design.md#mixed-precision-and-memory)
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
@@ -74,7 +74,7 @@ class GuardedOptimizer(keras.optimizers.LossScaleOptimizer):
 
 
 def make_optimizer(config, steps_per_epoch):
-    """NVAE's Adamax with warm-up + cosine learning rate (spec 5.7, 5.8), guarded."""
+    """NVAE's Adamax with warm-up + cosine learning rate (docs/design.md#optimizer), guarded."""
     schedule = NVAELearningRate(
         config.learning_rate,
         config.learning_rate_min,

@@ -29,7 +29,7 @@ import time
 
 from nvae_tf.config import ConfigError
 
-LOG_EVERY = 100  # the original logs every 100 steps (spec 5.10)
+LOG_EVERY = 100  # the original logs every 100 steps (docs/design.md#training-loop)
 IMAGE_EVERY = 1000  # ... and writes a reconstruction grid every 1000
 CHECKPOINT_EVERY = 1000
 KEEP_CHECKPOINTS = 3

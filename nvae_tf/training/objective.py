@@ -1,7 +1,8 @@
-"""NVAE's training objective (spec 5.1): per-image sums, KL warm-up and balancing, SR + BN.
+"""NVAE's training objective: per-image sums, KL warm-up and balancing, SR + BN.
 
 ``loss = mean_b(recon_b + balanced_KL_b) + lambda * (spectral_sum + bn_max_gamma_sum)``, with
-``beta`` the KL warm-up coefficient and ``lambda`` fixed or annealed with ``beta``.
+``beta`` the KL warm-up coefficient and ``lambda`` fixed or annealed with ``beta``; see
+docs/design.md#objective.
 """
 
 from typing import NamedTuple

@@ -1,9 +1,10 @@
-"""NVAE's weight regularizers: spectral regularization (spec 5.4) and BN scale (spec 5.5).
+"""NVAE's weight regularizers: spectral regularization (paper §3.2) and BN scale (paper §3.1.1).
 
 ``SpectralRegularizer`` estimates the largest singular value of every conv kernel matrix by
 power iteration and returns their sum; its left/right vectors are non-trainable variables of a
 Keras layer so that they are tracked by the model and saved in checkpoints (the original kept
-them outside its state dict; restoring them only spares the 40-iteration warm start).
+them outside its state dict; restoring them only spares the 40-iteration warm start; see
+docs/design.md#spectral-regularization).
 
 Distribution: ``u``, ``v`` and the ``initialized`` flag are ``ON_READ`` variables with
 ``ONLY_FIRST_REPLICA`` aggregation. Each replica updates its own copy with plain ``assign``
@@ -16,7 +17,7 @@ import tensorflow as tf
 
 from nvae_tf.layers.tracking import CheckpointListsMixin
 
-_NORMALIZE_EPS = 1e-3  # F.normalize(eps=1e-3) in the original
+_NORMALIZE_EPS = 1e-3  # the original's normalization floor (docs/design.md#spectral-regularization)
 
 
 def _normalize(x):
