@@ -14,7 +14,7 @@ import shutil
 from nvae_tf.pretrained.checkpoint_args import config_from_args
 from nvae_tf.pretrained.state_dict_map import load_state_dict
 from nvae_tf.pretrained.torch_reader import CheckpointReadError, SavedArgs, TorchCheckpoint
-from nvae_tf.pretrained.verification import verify
+from nvae_tf.pretrained.verification import load_reference, verify
 
 SPECTRAL_NOTE = (
     "spectral power-iteration vectors: not in the original's checkpoints, they start fresh "
@@ -49,6 +49,8 @@ def import_checkpoint(checkpoint_path, out_dir, reference=None, data_dir=None) -
     from nvae_tf.model import NVAE
 
     _check_target(out_dir)
+    if reference is not None:
+        load_reference(reference)  # a bad path or file fails before the long part
     with TorchCheckpoint(checkpoint_path) as checkpoint:
         content = checkpoint.content
         if not isinstance(content, dict) or "state_dict" not in content or "args" not in content:
