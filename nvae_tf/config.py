@@ -10,6 +10,7 @@ sizes; docs/design.md#layout-rules) lives here too, since every tool needs it.
 import dataclasses
 import math
 import typing
+from collections.abc import Iterable
 
 import yaml
 
@@ -30,6 +31,29 @@ DECODERS = ("bernoulli", "logistic_mixture")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 RECOMPUTE = ("none", "cell", "group")
 CHANNEL_MULT = 2
+# The fields that decide the model's variables: a checkpoint fits a model iff these agree.
+ARCHITECTURE_FIELDS = (
+    "image_size",
+    "image_channels",
+    "decoder",
+    "num_channels_enc",
+    "num_channels_dec",
+    "num_preprocess_blocks",
+    "num_preprocess_cells",
+    "num_postprocess_blocks",
+    "num_postprocess_cells",
+    "num_cell_per_cond_enc",
+    "num_cell_per_cond_dec",
+    "num_latent_scales",
+    "num_groups_per_scale",
+    "ada_groups",
+    "min_groups_per_scale",
+    "num_latent_per_group",
+    "num_nf",
+    "num_mixture_dec",
+    "use_se",
+    "res_dist",
+)
 
 
 class ConfigError(ValueError):
@@ -109,7 +133,7 @@ class NVAEConfig:
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values):
+    def from_dict(cls, values: dict) -> "NVAEConfig":
         if not isinstance(values, dict):
             raise ConfigError(
                 f"config must be a mapping of field: value, got {type(values).__name__}"
@@ -122,20 +146,20 @@ class NVAEConfig:
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
 
     @classmethod
-    def from_yaml(cls, path):
+    def from_yaml(cls, path: str) -> "NVAEConfig":
         return cls.from_dict(read_yaml(path, "config file", ConfigError) or {})
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_yaml(self, path):
+    def to_yaml(self, path: str) -> None:
         """Write the config atomically: a killed write never leaves a half file at ``path``."""
         write_atomically(path, lambda f: yaml.safe_dump(self.to_dict(), f, sort_keys=False))
 
-    def replace(self, **changes):
+    def replace(self, **changes) -> "NVAEConfig":
         return self.from_dict({**self.to_dict(), **changes})
 
-    def with_overrides(self, assignments):
+    def with_overrides(self, assignments: Iterable[str]) -> "NVAEConfig":
         """Apply ``key=value`` strings (values parsed as YAML scalars)."""
         changes = {}
         for item in assignments:

@@ -8,6 +8,7 @@ Forward pass, top-down once (docs/design.md#forward-pass)::
     s -> post-process cells -> ELU -> output conv -> decoder distribution p(x | z)
 """
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import keras
@@ -29,6 +30,8 @@ from nvae_tf.training.objective import LossTerms, Objective
 from nvae_tf.training.regularizers import SpectralRegularizer
 
 tfd = tfp.distributions
+# A stateless seed: shape (2,) integers (or one integer), or None for the model's generator.
+Seed = tf.Tensor | Sequence[int] | int | None
 
 # What train_step reports (epoch means): the objective's terms, bits/dim and the gradient norm.
 TRAIN_METRICS = (*LossTerms._fields, "bpd", "grad_norm")
@@ -70,7 +73,7 @@ class NVAEOutput(NamedTuple):
 class NVAE(CheckpointListsMixin, keras.Model):
     """Nouveau VAE. ``NVAE(config)`` builds every variable at construction (batch of one)."""
 
-    def __init__(self, config, **kwargs):
+    def __init__(self, config: NVAEConfig | dict, **kwargs):
         super().__init__(**kwargs)
         if isinstance(config, dict):
             config = NVAEConfig.from_dict(config)
@@ -156,7 +159,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         # Validate before Keras wraps call() errors in a multi-line report.
         return super().__call__(self.check_images(x), *args, **kwargs)
 
-    def call(self, x, training=None, seed=None):
+    def call(self, x: tf.Tensor, training: bool | None = None, seed: Seed = None) -> NVAEOutput:
         """Posterior pass on images ``x`` in [0, 1], shape (B, H, W, C).
 
         Returns an ``NVAEOutput``. ``seed`` (shape (2,) int) makes the posterior samples
@@ -218,7 +221,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         return x
 
     # --- decoder distribution -----------------------------------------------------------------
-    def output_distribution(self, logits, temperature=1.0):
+    def output_distribution(self, logits: tf.Tensor, temperature: float = 1.0) -> tfd.Distribution:
         """p(x | z) with a per-image ``log_prob`` (summed over pixels and channels)."""
         c = self.config
         if c.decoder == "bernoulli":
@@ -234,14 +237,14 @@ class NVAE(CheckpointListsMixin, keras.Model):
     # --- generation and inference -------------------------------------------------------------
     def prior_output_distribution(
         self,
-        num_samples,
-        temperature=1.0,
-        decoder_temperature=1.0,
-        training=False,
-        seed=None,
-        num_fixed_groups=0,
-        fixed_seed=None,
-    ):
+        num_samples: int,
+        temperature: float = 1.0,
+        decoder_temperature: float = 1.0,
+        training: bool = False,
+        seed: Seed = None,
+        num_fixed_groups: int = 0,
+        fixed_seed: Seed = None,
+    ) -> tfd.Distribution:
         """Walk the prior at latent ``temperature``; returns p(x | z) of the samples.
 
         ``training=True`` runs batch norm in training mode (BN re-adjustment, paper §4.2).
@@ -259,8 +262,13 @@ class NVAE(CheckpointListsMixin, keras.Model):
         return self.output_distribution(self.output_logits(s, training), decoder_temperature)
 
     def sample(
-        self, num_samples, temperature=1.0, decoder_temperature=1.0, training=False, seed=None
-    ):
+        self,
+        num_samples: int,
+        temperature: float = 1.0,
+        decoder_temperature: float = 1.0,
+        training: bool = False,
+        seed: Seed = None,
+    ) -> tf.Tensor:
         """Images in [0, 1]: Bernoulli means for binary data, mixture samples for colour."""
         seed = self.stateless_seed(seed)
         decoder = self.prior_output_distribution(
@@ -268,25 +276,33 @@ class NVAE(CheckpointListsMixin, keras.Model):
         )
         return _images(decoder, _fold(seed, -1))
 
-    def encode(self, x, sample=False, seed=None):
+    def encode(
+        self, x: tf.Tensor, sample: bool = False, seed: Seed = None
+    ) -> list[latent_space.GroupLatent]:
         """Per group, top first: posterior mean, stddev and latent z (``latent_space.encode``)."""
         return latent_space.encode(self, x, sample, seed)
 
-    def decode(self, latents, temperature=1.0, seed=None, num_samples=None):
+    def decode(
+        self,
+        latents: list,
+        temperature: float = 1.0,
+        seed: Seed = None,
+        num_samples: int | None = None,
+    ) -> tf.Tensor:
         """Images from given z, other groups from the prior (``latent_space.decode``)."""
         return latent_space.decode(self, latents, temperature, seed, num_samples)
 
-    def interpolate(self, x_a, x_b, num_steps=8):
+    def interpolate(self, x_a: tf.Tensor, x_b: tf.Tensor, num_steps: int = 8) -> tf.Tensor:
         """Decoded path between two images' latents (``latent_space.interpolate``)."""
         return latent_space.interpolate(self, x_a, x_b, num_steps)
 
-    def reconstruct(self, x, seed=None):
+    def reconstruct(self, x: tf.Tensor, seed: Seed = None) -> tf.Tensor:
         """Decode the posterior sample of ``x`` (Bernoulli means / mixture samples)."""
         seed = self.stateless_seed(seed)
         out = self(x, training=False, seed=seed)
         return _images(out.output_distribution, _fold(seed, -1))
 
-    def stateless_seed(self, seed=None):
+    def stateless_seed(self, seed: Seed = None) -> tf.Tensor:
         """A stateless seed: the given one, or the next from the model's generator."""
         if seed is None:
             return self.noise.make_seeds(1)[:, 0]
@@ -294,16 +310,22 @@ class NVAE(CheckpointListsMixin, keras.Model):
         return seed if seed.shape.rank == 1 else tf.stack([seed, tf.zeros_like(seed)])
 
     @tf.function(reduce_retracing=True)
-    def log_likelihood(self, x, num_samples=1000, max_images_per_pass=256, seed=None):
+    def log_likelihood(
+        self,
+        x: tf.Tensor,
+        num_samples: int = 1000,
+        max_images_per_pass: int = 256,
+        seed: Seed = None,
+    ) -> tf.Tensor:
         """Importance-weighted log p(x) per image in nats, from ``num_samples`` samples."""
         return importance_weighted(self, x, num_samples, max_images_per_pass, seed)[0]
 
     @tf.function(reduce_retracing=True)
-    def elbo(self, x, num_samples=1, seed=None):
+    def elbo(self, x: tf.Tensor, num_samples: int = 1, seed: Seed = None) -> tf.Tensor:
         """Evidence lower bound per image in nats, averaged over ``num_samples`` samples."""
         return importance_weighted(self, x, num_samples, seed=seed)[1]
 
-    def check_images(self, x):
+    def check_images(self, x: tf.Tensor) -> tf.Tensor:
         """Validate an image batch against the config; one-line ValueError otherwise."""
         c = self.config
         x = tf.convert_to_tensor(x)
@@ -318,7 +340,9 @@ class NVAE(CheckpointListsMixin, keras.Model):
         return x
 
     # --- training (docs/design.md#objective) ----------------------------------------------------
-    def compile(self, steps_per_epoch, optimizer=None, **kwargs):
+    def compile(
+        self, steps_per_epoch: int, optimizer: keras.optimizers.Optimizer | None = None, **kwargs
+    ) -> None:
         """Prepare ``fit``: NVAE's guarded Adamax + schedule unless ``optimizer`` is given.
 
         ``steps_per_epoch`` (per replica, as the original's loader length) sets the length of

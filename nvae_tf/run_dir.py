@@ -15,10 +15,14 @@ Layout::
 import dataclasses
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
-from nvae_tf.config import ConfigError, NVAEConfig
+from nvae_tf.config import ARCHITECTURE_FIELDS, ConfigError, NVAEConfig
+
+if TYPE_CHECKING:
+    from nvae_tf.model import NVAE
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -38,7 +42,7 @@ def checkpoint_dir(run_dir):
     return os.path.join(run_dir, CHECKPOINT_DIR)
 
 
-def load_run_config(run_dir):
+def load_run_config(run_dir: str) -> NVAEConfig:
     path = config_path(run_dir)
     if not os.path.isfile(path):
         raise RunDirectoryError(
@@ -82,6 +86,25 @@ def check_run_dir(run_dir, config, resume):
     return saved
 
 
+def check_init_from(run_dir, config):
+    """Check that ``run_dir`` has a checkpoint of ``config``'s model; returns its path.
+
+    For warm starts (``nvae-train --init-from``): the architecture must agree, everything
+    else (dataset, training fields) may differ.
+    """
+    source = load_run_config(run_dir)
+    conflicts = [
+        f"{name} ({getattr(source, name)!r} there, {getattr(config, name)!r} here)"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(source, name) != getattr(config, name)
+    ]
+    if conflicts:
+        raise ConfigError(
+            f"--init-from {run_dir}: its model has another architecture: {', '.join(conflicts)}"
+        )
+    return latest_checkpoint(run_dir)
+
+
 def remove_partial_saves(directory):
     """Delete ``*_temp`` folders a save killed mid-write left behind (never a valid checkpoint)."""
     if os.path.isdir(directory):
@@ -90,7 +113,7 @@ def remove_partial_saves(directory):
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
-def latest_checkpoint(run_dir):
+def latest_checkpoint(run_dir: str) -> str:
     path = tf.train.latest_checkpoint(checkpoint_dir(run_dir))
     if path is None:
         raise RunDirectoryError(
@@ -99,7 +122,7 @@ def latest_checkpoint(run_dir):
     return path
 
 
-def restore_model(run_dir, use_ema=True, config=None):
+def restore_model(run_dir: str, use_ema: bool = True, config: NVAEConfig | None = None) -> "NVAE":
     """Rebuild the model of a run and load its latest weights (EMA weights if trained with EMA).
 
     ``config`` may override the saved one (e.g. a different precision); the architecture

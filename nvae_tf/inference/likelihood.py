@@ -54,7 +54,9 @@ def iw_estimate(sample_fn, num_samples, samples_per_pass, seed):
     return log_likelihood, tf.reduce_sum(chunk_elbo.stack(), axis=0) / k
 
 
-def importance_weighted(model, x, num_samples, max_images_per_pass=256, seed=None):
+def importance_weighted(
+    model, x: tf.Tensor, num_samples: int, max_images_per_pass: int = 256, seed=None
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Returns ``(log_likelihood, elbo)``, each (B,) in nats, from ``num_samples`` samples.
 
     ``elbo`` is the average over the K samples of ``log p(x|z) - sum_l KL_l`` (the bound the
@@ -76,7 +78,7 @@ def importance_weighted(model, x, num_samples, max_images_per_pass=256, seed=Non
     return iw_estimate(sample_fn, num_samples, max_images_per_pass // tf.maximum(batch, 1), seed)
 
 
-def mean_and_standard_error(values):
+def mean_and_standard_error(values) -> tuple[float, float]:
     """Mean of per-image ``values`` and its standard error ``std / sqrt(N)`` (N-1 in the std)."""
     values = np.asarray(values, np.float64)
     if values.size < 2:
@@ -84,6 +86,6 @@ def mean_and_standard_error(values):
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(values.size))
 
 
-def bits_per_dim(nats, num_dims):
+def bits_per_dim(nats, num_dims: int):
     """Convert a per-image value in nats to bits per dimension: nats / (ln 2 * D)."""
     return nats / (math.log(2.0) * num_dims)

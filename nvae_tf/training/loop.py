@@ -54,6 +54,7 @@ def train(
     *,
     steps=None,
     resume=False,
+    init_from=None,
     strategy=None,
     verbose=1,
     callbacks=(),
@@ -71,6 +72,9 @@ def train(
         non-finite steps included) reaches ``steps``; the schedules still span ``epochs``.
       resume: continue the run in ``out_dir`` from its latest checkpoint. Only the fields
         in ``nvae_tf.run_dir.RESUMABLE_KEYS`` may differ from its ``config.yaml``.
+      init_from: start a new run from the model weights of the run directory ``init_from``
+        (same architecture; e.g. an imported pretrained model). The optimizer, step,
+        schedules and data start fresh.
       strategy: a ``tf.distribute`` strategy (default ``make_strategy("auto")``).
       verbose: 0 silent, 1 progress bar, 2 one line per epoch.
       callbacks: extra Keras callbacks (e.g. a tuner's), called after the built-in ones.
@@ -102,7 +106,9 @@ def train(
             raise ConfigError(f"{name} must be >= 1, got {value}")
     strategy = strategy or make_strategy("auto")
     keras.utils.set_random_seed(config.seed)  # identical initialization on every worker
-    run = _Run(config, out_dir, strategy, resume, chief=is_chief(strategy))
+    if init_from and resume:
+        raise ConfigError("--init-from starts a new run: it cannot be combined with --resume")
+    run = _Run(config, out_dir, strategy, resume, chief=is_chief(strategy), init_from=init_from)
     run.check_inputs()  # config, run directory and data, on every worker, before any writing
     with precision_policy(config.precision):
         return run.train(
@@ -125,6 +131,7 @@ class _Run:
     strategy: object
     resume: bool
     chief: bool
+    init_from: str = None  # run directory whose model weights start this run
     # Filled in by check_inputs():
     saved_config: object = None  # the run's config.yaml when resuming
     global_batch: int = None  # batch_size x replicas
@@ -159,9 +166,11 @@ class _Run:
 
     def _check_inputs(self):
         from nvae_tf.data import num_examples
-        from nvae_tf.run_dir import check_run_dir
+        from nvae_tf.run_dir import check_init_from, check_run_dir
 
         self.saved_config = check_run_dir(self.out_dir, self.config, self.resume)
+        if self.init_from:
+            check_init_from(self.init_from, self.config)
         c, replicas = self.config, self.strategy.num_replicas_in_sync
         self.global_batch = c.batch_size * replicas
         self.num_train = num_examples(c, "train")
@@ -216,7 +225,7 @@ class _Run:
         """Restore the latest checkpoint (if any) and create the data iterator to continue."""
         import tensorflow as tf
 
-        from nvae_tf.run_dir import checkpoint_dir
+        from nvae_tf.run_dir import checkpoint_dir, restore_model
         from nvae_tf.training.callbacks import global_step
 
         # Keras metrics are not trackable themselves; their variables are (epoch averages).
@@ -227,6 +236,10 @@ class _Run:
             tf.train.Checkpoint(**state).restore(
                 path
             ).expect_partial().assert_existing_objects_matched()
+        elif self.init_from:  # a warm start: the weights only (EMA weights if it kept them)
+            source = restore_model(self.init_from)
+            for variable, value in zip(model.weights, source.weights, strict=True):
+                variable.assign(value)
         step = global_step(model)
         saved = self.saved_config
         same_data = saved is None or saved.data_dir == self.config.data_dir
