@@ -9,7 +9,6 @@ Forward pass, top-down once (docs/design.md#forward-pass)::
 """
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -25,6 +24,7 @@ from nvae_tf.layers.normalization import BatchNorm
 from nvae_tf.layers.recompute import recompute_cells, run_cells
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D
+from nvae_tf.output import NVAEOutput
 from nvae_tf.training.guarded_optimizer import make_optimizer
 from nvae_tf.training.objective import LossTerms, Objective
 from nvae_tf.training.regularizers import SpectralRegularizer
@@ -39,34 +39,6 @@ TRAIN_METRICS = (*LossTerms._fields, "bpd", "grad_norm")
 # original's threshold in its per-channel KL diagnostics; paper §4.3, footnote 5).
 ACTIVE_KL_THRESHOLD = 0.1
 MNIST_CROP = 2  # 28x28 digits padded to 32x32; the likelihood is scored on the 28x28 crop
-
-
-class NVAEOutput(NamedTuple):
-    """One posterior pass of the model (``NVAE.__call__``); per-image values are in nats.
-
-    A NamedTuple so that ``tf.function`` and ``tf.distribute`` can return it.
-    """
-
-    output_distribution: tfd.Distribution  # p(x | z); ``log_prob(x)`` is per image, (B,)
-    logits: tf.Tensor  # its raw parameters (B, H, W, P)
-    kl: tf.Tensor  # KL(q || p) per image and group, top group first (B, groups)
-    log_q: tf.Tensor  # log q(z | x) summed over groups (B,)
-    log_p: tf.Tensor  # log p(z) summed over groups (B,)
-    kl_per_channel: tf.Tensor  # KL per group and latent channel, batch mean (groups, C_z)
-    posterior_mean: list  # per group (B, h, w, C_z), top group first
-    posterior_stddev: list
-
-    def reconstruction(self, x: tf.Tensor) -> tf.Tensor:
-        """-log p(x | z) per image (B,)."""
-        return -self.output_distribution.log_prob(x)
-
-    def negative_elbo(self, x: tf.Tensor) -> tf.Tensor:
-        """The per-image negative ELBO -log p(x | z) + sum_l KL_l (B,): what NVAE minimises."""
-        return self.reconstruction(x) + tf.reduce_sum(self.kl, axis=1)
-
-    def log_weight(self, x: tf.Tensor) -> tf.Tensor:
-        """log p(x, z) - log q(z | x) per image (B,): one importance weight."""
-        return -self.reconstruction(x) + self.log_p - self.log_q
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
