@@ -21,9 +21,10 @@ from nvae_tf.layers.normalization import BatchNorm
 from nvae_tf.layers.recompute import recompute_cells, run_cells
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D
-from nvae_tf.training.guarded_optimizer import make_optimizer
+from nvae_tf.training.guarded_optimizer import make_optimizer, schedule_step
 from nvae_tf.training.objective import Objective
 from nvae_tf.training.regularizers import SpectralRegularizer
+from nvae_tf.training.step_state import StepState
 
 tfd = tfp.distributions
 
@@ -305,9 +306,11 @@ class NVAE(CheckpointListsMixin, keras.Model):
     def train_step(self, data):
         x = _images_of(data)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        state = StepState(self)  # a skipped step leaves BN stats, u/v and metrics as they were
+        state.snapshot()
         with tf.GradientTape() as tape:
             out = self(x, training=True)
-            terms = self.objective(self, out, x, self.optimizer.iterations)
+            terms = self.objective(self, out, x, schedule_step(self.optimizer))
             # Gradients are summed over replicas: each contributes its share of the mean.
             scaled = self.optimizer.scale_loss(terms["loss"] / replicas)
         grads = tape.gradient(scaled, self.trainable_variables)
@@ -317,11 +320,15 @@ class NVAE(CheckpointListsMixin, keras.Model):
         terms["grad_norm"] = tf.linalg.global_norm(grads) / scale * replicas
         self.optimizer.apply(grads, self.trainable_variables)
         terms["bpd"] = bits_per_dim(terms["nelbo"], self.config.num_output_dims)
-        return self._update_metrics(
-            terms,
-            skipped_steps=self.optimizer.skipped_steps,
-            consecutive_skips=self.optimizer.consecutive_skips,
-        )
+        for name, value in terms.items():
+            if name in self._trackers:
+                self._trackers[name].update_state(value)
+        state.restore_unless(tf.equal(self.optimizer.consecutive_skips, 0))
+        return {
+            **{name: tracker.result() for name, tracker in self._trackers.items()},
+            "skipped_steps": self.optimizer.skipped_steps,
+            "consecutive_skips": self.optimizer.consecutive_skips,
+        }
 
     def test_step(self, data):
         x = _images_of(data)

@@ -14,7 +14,9 @@ Layout::
 
 import dataclasses
 import os
+import re
 import shutil
+import sys
 
 import tensorflow as tf
 
@@ -90,8 +92,64 @@ def remove_partial_saves(directory):
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
+def checkpoint_problem(path):
+    """Why the checkpoint ``path`` (a ``ckpt-N`` prefix) cannot be read, in a few words; None
+    when every tensor reads back (TensorFlow checks each one's CRC-32C as it reads it).
+
+    Reading all of it costs one pass over the files; a truncated or corrupt checkpoint would
+    otherwise fail half-way through a restore with an error that names no file.
+    """
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except Exception as e:  # truncation, CRC mismatch, missing shard: all mean "unusable"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return f"{type(e).__name__}: {lines[0] if lines else 'unreadable'}"
+    return None
+
+
+def checkpoints_newest_first(directory):
+    """Every ``ckpt-N`` prefix in ``directory`` with an index file, highest N first."""
+    found = []
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            match = re.fullmatch(r"ckpt-(\d+)\.index", name)
+            if match:
+                found.append((int(match.group(1)), os.path.join(directory, name[: -len(".index")])))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def intact_checkpoint(directory):
+    """The newest checkpoint in ``directory`` that reads back whole, or None if there is none.
+
+    Each newer, unreadable one is named in a one-line warning on stderr; if checkpoints exist
+    but none is intact, raises ``RunDirectoryError`` naming the newest and why.
+    """
+    candidates = checkpoints_newest_first(directory)
+    problems = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for bad, why in problems:
+                print(
+                    f"warning: checkpoint {bad} is unreadable ({why}); using {path} instead",
+                    file=sys.stderr,
+                )
+            return path
+        problems.append((path, problem))
+    if problems:
+        bad, why = problems[0]
+        raise RunDirectoryError(
+            f"no intact checkpoint in {directory}: {len(problems)} found, all unreadable "
+            f"(newest {bad}: {why})"
+        )
+    return None
+
+
 def latest_checkpoint(run_dir):
-    path = tf.train.latest_checkpoint(checkpoint_dir(run_dir))
+    """The newest intact checkpoint of a run (see ``intact_checkpoint``)."""
+    path = intact_checkpoint(checkpoint_dir(run_dir))
     if path is None:
         raise RunDirectoryError(
             f"no checkpoint in {checkpoint_dir(run_dir)}: has training saved one yet?"
@@ -99,17 +157,18 @@ def latest_checkpoint(run_dir):
     return path
 
 
-def restore_model(run_dir, use_ema=True, config=None):
+def restore_model(run_dir, use_ema=True, config=None, path=None):
     """Rebuild the model of a run and load its latest weights (EMA weights if trained with EMA).
 
     ``config`` may override the saved one (e.g. a different precision); the architecture
-    fields must match the checkpoint.
+    fields must match the checkpoint. ``path``: the checkpoint to load (default: the newest
+    intact one, ``latest_checkpoint``).
     """
     from nvae_tf.model import NVAE
     from nvae_tf.training.guarded_optimizer import make_optimizer, moving_averages
 
     config = config or load_run_config(run_dir)
-    path = latest_checkpoint(run_dir)
+    path = path or latest_checkpoint(run_dir)
     model = NVAE(config)
     objects = {"model": model}
     if use_ema and config.ema_decay > 0:

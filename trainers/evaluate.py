@@ -58,7 +58,7 @@ def run(args):
     several = len(tf.config.list_physical_devices("GPU")) > 1
     strategy = make_strategy("mirrored" if several else "one_device")
     with strategy.scope():
-        model = restore_model(args.checkpoint, config=config)
+        model = restore_model(args.checkpoint, config=config, path=checkpoint)
     seed = config.seed if args.seed is None else args.seed
     batch_size = (args.batch_size or config.batch_size) * strategy.num_replicas_in_sync
     dataset = evaluation_dataset(config, args.split, batch_size, seed, args.num_images)

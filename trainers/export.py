@@ -39,12 +39,10 @@ def main(argv=None):
     from nvae_tf.inference.serving import SIGNATURES, export
     from nvae_tf.run_dir import latest_checkpoint, restore_model
 
-    model = restore_model(args.checkpoint)
+    checkpoint = latest_checkpoint(args.checkpoint)
+    model = restore_model(args.checkpoint, path=checkpoint)
     export(model, args.out, args.max_images_per_pass)
-    print(
-        f"exported {latest_checkpoint(args.checkpoint)} to {args.out} "
-        f"(signatures: {', '.join(SIGNATURES)})"
-    )
+    print(f"exported {checkpoint} to {args.out} (signatures: {', '.join(SIGNATURES)})")
     return 0
 
 

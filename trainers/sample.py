@@ -88,7 +88,7 @@ def run(args):
             )
     checkpoint = latest_checkpoint(args.checkpoint)
     images = load_images(args.reconstruct, config, args.seed) if args.reconstruct else None
-    model = restore_model(args.checkpoint, config=config)
+    model = restore_model(args.checkpoint, config=config, path=checkpoint)
     if args.readjust_bn:
         print(
             f"batch-norm statistics for temperature {args.temperature:g}: ",

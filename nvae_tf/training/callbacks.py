@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from nvae_tf.inference.image_grid import grid
+from nvae_tf.training.guarded_optimizer import schedule_step
 from nvae_tf.training.schedules import kl_coefficient, regularizer_weight
 
 ACTIVE_UNIT_KL = 0.1  # a latent channel is "active" when its KL exceeds this (nats, spec 3.3)
@@ -108,7 +109,7 @@ class TrainingDiagnostics(keras.callbacks.Callback):
 
     def _schedule_values(self):
         model = self.model
-        config, step = model.config, model.optimizer.iterations
+        config, step = model.config, schedule_step(model.optimizer)
         beta = kl_coefficient(
             step,
             model.objective.total_steps,
