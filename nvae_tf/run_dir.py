@@ -13,17 +13,19 @@ Layout::
 """
 
 import dataclasses
+import glob
 import os
 import re
 import shutil
 import sys
-
-import tensorflow as tf
+import tempfile
 
 from nvae_tf.config import ConfigError, NVAEConfig
+from nvae_tf.tf_messages import captured_stderr_fd, one_line
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
+RUN_LOGS = ("metrics.csv", "tensorboard")
 # The config fields a resumed run may change; all others must equal the run's config.yaml.
 RESUMABLE_KEYS = ("data_dir", "precision", "recompute", "jit_compile", "max_skipped_steps")
 
@@ -51,7 +53,8 @@ def load_run_config(run_dir):
 
 def check_run_dir(run_dir, config, resume):
     """Check that ``run_dir`` can take a new run or, with ``resume``, holds one that ``config``
-    continues; returns the run's saved config when resuming, else None."""
+    continues; returns the run's saved config when resuming one, else None (with ``resume``
+    too when ``run_dir`` holds no run yet: a supervisor can always pass ``--resume``)."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirectoryError(f"--out {run_dir} exists and is not a directory")
     has_config = os.path.isfile(config_path(run_dir))
@@ -65,10 +68,12 @@ def check_run_dir(run_dir, config, resume):
             )
         return None
     if not has_config:
-        raise RunDirectoryError(
-            f"--resume: {run_dir} holds no run ({config_path(run_dir)} is "
-            "missing); drop --resume to start one"
-        )
+        if has_checkpoints:
+            raise RunDirectoryError(
+                f"--resume: {run_dir} has checkpoints but no {CONFIG_FILE}; restore it, "
+                "or choose a new --out"
+            )
+        return None  # nothing to continue: the caller starts the run from scratch
     saved = NVAEConfig.from_yaml(config_path(run_dir))
     conflicts = [
         f"{f.name} (run: {getattr(saved, f.name)!r}, now: {getattr(config, f.name)!r})"
@@ -82,6 +87,41 @@ def check_run_dir(run_dir, config, resume):
             "change when resuming"
         )
     return saved
+
+
+def check_writable(path, what="--out"):
+    """Raise ``RunDirectoryError`` unless the directory ``path`` exists and takes new files, or
+    can be created; checked by creating and removing a probe, since permission bits do not
+    show read-only mounts, /sys or /proc. Leaves nothing behind."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise RunDirectoryError(f"{what} {path}: {existing} exists and is not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=".nvae-write-probe-", dir=existing)
+        os.rmdir(probe)
+    except OSError as e:
+        raise RunDirectoryError(
+            f"{what} {path} is not writable ({e.strerror or e} in {existing}); choose a "
+            "writable folder"
+        ) from None
+
+
+def remove_failed_start(run_dir, created):
+    """Undo what a new run wrote before failing, if it saved no checkpoint: ``config.yaml``,
+    logs and ``checkpoints/`` go (and ``run_dir`` itself if ``created`` and now empty), so the
+    same command can be run again. A run with a checkpoint is kept for ``--resume``."""
+    if checkpoints_newest_first(checkpoint_dir(run_dir)):
+        return
+    for name in (CONFIG_FILE, *RUN_LOGS, CHECKPOINT_DIR):
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+    if created and os.path.isdir(run_dir) and not os.listdir(run_dir):
+        os.rmdir(run_dir)
 
 
 def remove_partial_saves(directory):
@@ -99,13 +139,18 @@ def checkpoint_problem(path):
     Reading all of it costs one pass over the files; a truncated or corrupt checkpoint would
     otherwise fail half-way through a restore with an error that names no file.
     """
-    try:
-        reader = tf.train.load_checkpoint(path)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)
-    except Exception as e:  # truncation, CRC mismatch, missing shard: all mean "unusable"
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        return f"{type(e).__name__}: {lines[0] if lines else 'unreadable'}"
+    import tensorflow as tf
+
+    with captured_stderr_fd():  # TensorFlow also logs the failed read: we report it ourselves
+        try:
+            reader = tf.train.load_checkpoint(path)
+            for name, dtype in reader.get_variable_to_dtype_map().items():
+                # RestoreV2 also reads variant tensors (the data iterator), unlike get_tensor.
+                tf.raw_ops.RestoreV2(
+                    prefix=path, tensor_names=[name], shape_and_slices=[""], dtypes=[dtype]
+                )
+        except Exception as e:  # truncation, CRC mismatch, missing shard: all mean "unusable"
+            return f"{type(e).__name__}: {one_line(e)}"
     return None
 
 
@@ -120,22 +165,25 @@ def checkpoints_newest_first(directory):
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def intact_checkpoint(directory):
+def intact_checkpoint(directory, set_aside=False):
     """The newest checkpoint in ``directory`` that reads back whole, or None if there is none.
 
-    Each newer, unreadable one is named in a one-line warning on stderr; if checkpoints exist
-    but none is intact, raises ``RunDirectoryError`` naming the newest and why.
+    Each newer, unreadable one is named in a one-line warning on stderr; with ``set_aside``
+    (a run that will save again) its files are renamed to ``*.unreadable``, so that they are
+    neither listed again nor counted among the checkpoints kept. If checkpoints exist but
+    none is intact, raises ``RunDirectoryError`` naming the newest and why.
     """
-    candidates = checkpoints_newest_first(directory)
     problems = []
-    for path in candidates:
+    for path in checkpoints_newest_first(directory):
         problem = checkpoint_problem(path)
         if problem is None:
             for bad, why in problems:
-                print(
-                    f"warning: checkpoint {bad} is unreadable ({why}); using {path} instead",
-                    file=sys.stderr,
-                )
+                note = f"using {path} instead"
+                if set_aside:
+                    for name in glob.glob(glob.escape(bad) + ".*"):
+                        os.replace(name, name + ".unreadable")
+                    note += f"; its files are renamed to {os.path.basename(bad)}.*.unreadable"
+                print(f"warning: checkpoint {bad} is unreadable ({why}); {note}", file=sys.stderr)
             return path
         problems.append((path, problem))
     if problems:
@@ -164,6 +212,8 @@ def restore_model(run_dir, use_ema=True, config=None, path=None):
     fields must match the checkpoint. ``path``: the checkpoint to load (default: the newest
     intact one, ``latest_checkpoint``).
     """
+    import tensorflow as tf
+
     from nvae_tf.model import NVAE
     from nvae_tf.training.guarded_optimizer import make_optimizer, moving_averages
 

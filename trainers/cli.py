@@ -7,8 +7,30 @@ import sys
 
 
 def quiet_tensorflow():
-    """Silence TensorFlow's C++ start-up chatter before it is imported."""
+    """Import TensorFlow without its C++ start-up chatter (oneDNN, CUDA and CPU-feature lines),
+    so that a one-line error is the only output of a failed command.
+
+    TensorFlow 2.21 logs these through absl before any log level applies, whatever
+    ``TF_CPP_MIN_LOG_LEVEL`` says, so file descriptor 2 is pointed at a temporary file while
+    TensorFlow loads and lists its devices (which does not initialize them: multi-worker set-up
+    stays possible); the captured text is replayed if the import itself fails.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules:
+        return
+    from nvae_tf.tf_messages import captured_stderr_fd
+
+    failure = None
+    with captured_stderr_fd() as captured:
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException as e:
+            failure = e, captured()
+    if failure is not None:
+        sys.stderr.write(failure[1])
+        raise failure[0]
 
 
 class UserError(Exception):
@@ -26,12 +48,12 @@ def entry_point(main):
 
         try:
             return main(argv)
-        except (UserError, ConfigError, DataError, FileNotFoundError) as e:
+        except (UserError, ConfigError, DataError, OSError) as e:  # OSError: unwritable, full
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:  # nvae-train's TrainingInterrupted says more
+            print(str(e) or "interrupted", file=sys.stderr)
+            return getattr(e, "exit_code", 130)
 
     return wrapper
 

@@ -12,6 +12,8 @@ consumed, as the original's per-batch scheduler), times ``learning_rate_scale`` 
 rollback, see ``nvae_tf.training.rollback``). All of it is checkpointed with the optimizer.
 """
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -100,6 +102,23 @@ def schedule_step(optimizer):
 def moving_averages(optimizer):
     """The EMA weights a ``GuardedOptimizer`` keeps, in trainable-variable order (``use_ema``)."""
     return optimizer.inner_optimizer._model_variables_moving_average
+
+
+@contextlib.contextmanager
+def ema_weights(model):
+    """Temporarily swap in the EMA of the weights when the run keeps one."""
+    if not model.config.ema_decay:
+        yield
+        return
+    averages = moving_averages(model.optimizer)
+    backup = [v.numpy() for v in model.trainable_variables]
+    for variable, average in zip(model.trainable_variables, averages):
+        variable.assign(average)
+    try:
+        yield
+    finally:
+        for variable, value in zip(model.trainable_variables, backup):
+            variable.assign(value)
 
 
 def make_optimizer(config, steps_per_epoch):
