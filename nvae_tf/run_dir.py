@@ -125,11 +125,21 @@ def remove_failed_start(run_dir, created):
 
 
 def remove_partial_saves(directory):
-    """Delete ``*_temp`` folders a save killed mid-write left behind (never a valid checkpoint)."""
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.endswith("_temp"):
-                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    """Delete what saves killed mid-write left behind: ``*_temp`` folders, and the files of
+    any ``ckpt-N`` that the state file does not list and that does not read back whole."""
+    if not os.path.isdir(directory):
+        return
+    names = os.listdir(directory)
+    for name in names:
+        if name.endswith("_temp"):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    listed = _listed(directory) or set()
+    for _, prefix in _numbered(names):
+        path = os.path.join(directory, prefix)
+        if prefix not in listed and checkpoint_problem(path) is not None:
+            for name in glob.glob(glob.escape(path) + ".*"):
+                if not name.endswith(".unreadable"):
+                    os.remove(name)
 
 
 def checkpoint_problem(path):
@@ -155,14 +165,37 @@ def checkpoint_problem(path):
 
 
 def checkpoints_newest_first(directory):
-    """Every ``ckpt-N`` prefix in ``directory`` with an index file, highest N first."""
-    found = []
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            match = re.fullmatch(r"ckpt-(\d+)\.index", name)
-            if match:
-                found.append((int(match.group(1)), os.path.join(directory, name[: -len(".index")])))
-    return [path for _, path in sorted(found, reverse=True)]
+    """The completed ``ckpt-N`` prefixes in ``directory``, highest N first.
+
+    Completed means listed in the ``checkpoint`` state file, which ``CheckpointManager``
+    rewrites only after a save finished (TensorFlow writes ``ckpt-N.index`` in place, so a kill
+    during a save can leave a partial one). Without a readable state file, every ``ckpt-N``
+    with an index file counts.
+    """
+    found = _numbered(os.listdir(directory) if os.path.isdir(directory) else [])
+    listed = _listed(directory)
+    if listed is not None:
+        found = [(n, name) for n, name in found if name in listed]
+    return [os.path.join(directory, name) for _, name in sorted(found, reverse=True)]
+
+
+def _listed(directory):
+    """The ``ckpt-N`` names the state file lists; None without a readable state file."""
+    import tensorflow as tf
+
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except Exception:  # a damaged state file: the caller falls back to the files themselves
+        return None
+    return (
+        None if state is None else {os.path.basename(p) for p in state.all_model_checkpoint_paths}
+    )
+
+
+def _numbered(names):
+    """(N, "ckpt-N") for each ``ckpt-N.index`` among ``names``."""
+    matches = (re.fullmatch(r"(ckpt-(\d+))\.index", name) for name in names)
+    return [(int(m.group(2)), m.group(1)) for m in matches if m]
 
 
 def intact_checkpoint(directory, set_aside=False):

@@ -294,3 +294,45 @@ def test_sigterm_in_the_loop_stops_after_the_step_and_exits_143():
     with StopOnSignal(), pytest.raises(TrainingInterrupted) as early:
         os.kill(os.getpid(), signal.SIGINT)  # before the loop: nothing to save, stop now
     assert early.value.exit_code == 130
+
+
+def test_an_unfinished_first_save_is_removed_and_an_intact_one_kept(tmp_path):
+    from nvae_tf.run_dir import remove_partial_saves
+
+    _saved_run(tmp_path, steps=(1, 2))
+    directory = tmp_path / "checkpoints"
+    (directory / "checkpoint").unlink()  # as if killed before the state file was written
+    _truncate(str(directory / "ckpt-2"))
+    remove_partial_saves(str(directory))
+    assert sorted(os.listdir(directory)) == ["ckpt-1.data-00000-of-00001", "ckpt-1.index"]
+    assert intact_checkpoint(str(directory)).endswith("ckpt-1")
+
+
+# --- command lines -----------------------------------------------------------------------------
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys):
+    from trainers import evaluate, export, train
+
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        # --json is checked before the run directory is even read.
+        (evaluate.main, ["--checkpoint", str(tmp_path / "none"), "--json", "/sys/r.json"]),
+        (evaluate.main, ["--checkpoint", str(tmp_path / "none"), "--json", str(tmp_path)]),
+        (export.main, ["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "a-file")]),
+        (train.main, ["--config", os.path.join(ROOT, "configs", "small.yaml"), "--out", "/sys/r"]),
+    ]
+    expected = ["not writable", "is a directory", "is a file", "not writable"]
+    for (main, argv), words in zip(cases, expected):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+
+
+def test_malformed_yaml_names_its_line(tmp_path):
+    from nvae_tf.config import ConfigError, NVAEConfig
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("batch_size: 4\nepochs: [1, 2\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 3, column 5: expected ','"):
+        NVAEConfig.from_yaml(str(path))

@@ -58,6 +58,34 @@ def entry_point(main):
     return wrapper
 
 
+def check_writable_file(path, flag):
+    """``UserError`` unless the file ``path`` can be written; checked before any work starts
+    by creating and removing a probe next to it (permission bits miss read-only mounts)."""
+    import tempfile
+
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".nvae-write-probe-", dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable ({e.strerror or e})") from None
+
+
+def check_writable_dir(path, flag):
+    """``UserError`` unless the folder ``path`` exists and takes files, or can be created."""
+    from nvae_tf.run_dir import RunDirectoryError, check_writable
+
+    try:
+        check_writable(path, what=flag)
+    except RunDirectoryError as e:
+        raise UserError(str(e)) from None
+
+
 def add_config_args(parser):
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
     parser.add_argument(

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from trainers.cli import UserError, entry_point, parser
+from trainers.cli import UserError, check_writable_file, entry_point, parser
 
 
 class Progress:
@@ -134,6 +134,8 @@ def main(argv=None):
     )
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     args = p.parse_args(argv)
+    if args.json:
+        check_writable_file(args.json, "--json")  # before the evaluation, not after it
     result = run(args)
     report(result)
     if args.json:

@@ -9,7 +9,7 @@ without nvae_tf installed.
 
 import os
 
-from trainers.cli import UserError, entry_point, parser
+from trainers.cli import UserError, check_writable_dir, entry_point, parser
 
 
 @entry_point
@@ -33,8 +33,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.max_images_per_pass < 1:
         raise UserError(f"--max-images-per-pass must be >= 1, got {args.max_images_per_pass}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; choose a new --out folder")
     if os.path.exists(args.out) and os.listdir(args.out):
         raise UserError(f"{args.out} exists and is not empty; choose a new --out folder")
+    check_writable_dir(args.out, "--out")
 
     from nvae_tf.inference.serving import SIGNATURES, export
     from nvae_tf.run_dir import latest_checkpoint, restore_model

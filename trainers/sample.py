@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from trainers.cli import UserError, entry_point, parser
+from trainers.cli import UserError, check_writable_dir, entry_point, parser
 
 
 def load_images(paths, config, seed):
@@ -86,6 +86,8 @@ def run(args):
             raise UserError(
                 f"--fix-top-scales takes 0..{config.num_latent_scales} for this model, got {k}"
             )
+    out = args.out or os.path.join(args.checkpoint, "samples")
+    check_writable_dir(out, "--out")
     checkpoint = latest_checkpoint(args.checkpoint)
     images = load_images(args.reconstruct, config, args.seed) if args.reconstruct else None
     model = restore_model(args.checkpoint, config=config, path=checkpoint)
@@ -113,7 +115,6 @@ def run(args):
             f"({bn_readjust.store_path(args.checkpoint, args.temperature)})",
             file=sys.stderr,
         )
-    out = args.out or os.path.join(args.checkpoint, "samples")
     os.makedirs(out, exist_ok=True)
     columns = args.columns or math.ceil(math.sqrt(args.num))
     common = {"decoder_temperature": args.decoder_temperature, "mean": args.mean}

@@ -163,7 +163,7 @@ class SkipGuard(keras.callbacks.Callback):
                 f"training stopped at step {global_step(self.model)}: {streak} consecutive steps "
                 f"had a non-finite loss or gradients ({int(logs.get('skipped_steps', streak))} "
                 "skipped in all); lower learning_rate or set grad_clip_norm, then start again from "
-                "the last checkpoint"
+                "the last checkpoint (or let nvae-train --rollbacks N do it)"
             )
             self.model.stop_training = True
 

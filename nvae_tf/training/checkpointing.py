@@ -8,8 +8,6 @@ only then rewrites its ``checkpoint`` pointer, so a kill during a save leaves th
 checkpoint as the latest; the next start removes the ``_temp`` folder.
 """
 
-import glob
-import os
 import time
 
 import keras
@@ -93,9 +91,7 @@ def save(manager, step):
         return manager.save(checkpoint_number=step)
     except Exception as e:  # OSError or tf.errors.*: disk full, read-only, quota, ...
         directory = manager.directory
-        remove_partial_saves(directory)
-        for path in glob.glob(os.path.join(directory, f"ckpt-{step}.*")):
-            os.remove(path)  # renamed into place before the failure: not listed, not trusted
+        remove_partial_saves(directory)  # the temp folder and any unlisted, broken ckpt-N
         previous = manager.latest_checkpoint
         kept = f"{previous} is kept" if previous else "no earlier checkpoint exists"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

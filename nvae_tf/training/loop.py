@@ -15,6 +15,9 @@ reproduces an uninterrupted one step for step (given deterministic ops). Under
 ``MultiWorkerMirroredStrategy`` each worker reads its own shard, so the chief's iterator state
 does not fit the others: there the data stream restarts on resume, reseeded by the step.
 ``model.fit(load_dataset(...), ...)`` keeps working for library users with the same callbacks.
+
+Parts: ``run_inputs`` (checks before writing), ``step_loop`` (the loop), ``checkpointing``,
+``held_out`` (evaluation), ``signals``, ``watchdog`` and ``rollback`` (long-run reliability).
 """
 
 import dataclasses
@@ -277,6 +280,7 @@ class _Run(RunInputs):
         c = self.config
         if self.chief:
             self._write_run_dir()
+            remove_partial_saves(checkpoint_dir(self.out_dir))  # before looking for the newest
         model = self._build_model()
         checkpoint, iterator, restored, step = self._restore(model)
         total = c.epochs * self.steps_per_epoch
@@ -291,7 +295,6 @@ class _Run(RunInputs):
         writer = None
         try:
             if self.chief:
-                remove_partial_saves(save_dir)
                 CSVMetrics.truncate_after(self.metrics_path, step)
                 writer = tf.summary.create_file_writer(os.path.join(self.out_dir, TENSORBOARD_DIR))
             manager = tf.train.CheckpointManager(checkpoint, save_dir, keep_checkpoints)
