@@ -55,7 +55,8 @@ def build_parser():
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its latest checkpoint, exactly",
+        help="continue the run in --out exactly, from its newest intact checkpoint (starts "
+        "the run if --out holds none yet)",
     )
     p.add_argument(
         "--steps",
