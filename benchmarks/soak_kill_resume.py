@@ -110,7 +110,6 @@ def kill_once(out, steps, during_write, rng, deadline_s=600):
 
 
 def final_state(out):
-    import numpy as np  # noqa: F401  (tensors compared as numpy arrays)
     import tensorflow as tf
 
     with open(os.path.join(out, "metrics.csv"), newline="") as f:
@@ -126,6 +125,8 @@ def final_state(out):
 
 
 def main():
+    import numpy as np
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--steps", type=int, default=60)
@@ -149,7 +150,7 @@ def main():
     differing = sorted(
         name
         for name in tensors_w
-        if name not in tensors_k or not (tensors_k[name] == tensors_w[name]).all()
+        if name not in tensors_k or not np.array_equal(tensors_k[name], tensors_w[name])
     )
     kills = sum(r["killed"] for r in records)
     in_write = sum(r["killed"] and r["temp_folder_seen_before_kill"] for r in records)

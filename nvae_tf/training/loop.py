@@ -226,17 +226,16 @@ class _Run(RunInputs):
         from nvae_tf.training.checkpointing import CheckpointSaver
 
         guard = cb.SkipGuard(self.config.max_skipped_steps)
-        chain = [
-            cb.TrainingDiagnostics(self.probe_images, log_every),
-            guard,
-            CheckpointSaver(manager, *saves),
-        ]
+        chain = [cb.TrainingDiagnostics(self.probe_images, log_every), guard]
         if self.chief:
             chain += [
                 cb.CSVMetrics(self.metrics_path, cb.metric_columns(self.config)),
                 cb.TensorBoardScalars(writer),
                 cb.TensorBoardImages(writer, self.probe_images, image_every),
             ]
+        # Saves come after the step's metrics row: a kill between the two then only repeats
+        # the row (dropped on resume), never loses it.
+        chain.append(CheckpointSaver(manager, *saves))
         if verbose:
             chain.append(cb.ProgressBar(verbose))
         return chain, guard

@@ -61,8 +61,7 @@ class StepLoop:
                 logs = train_step(distribute_batch(run.strategy, images))
                 logs = {k: v.numpy().item() for k, v in logs.items()}
                 dog.end_step()
-                callbacks.on_train_batch_end(batch, logs)
-                dog.pause()
+                callbacks.on_train_batch_end(batch, logs)  # saves, logs: not timed
                 step = global_step(model)
                 if self.guard.message and self.rollback.possible(model):
                     step = self._roll_back()

@@ -27,7 +27,8 @@ HISTORY = 50
 
 
 class HangWatchdog:
-    """Call ``start_step()`` before and ``end_step()`` after each step; use as a context manager.
+    """Call ``start_step()`` before and ``end_step()`` after each step (time in between, e.g.
+    checkpoints and evaluation, is not watched); use as a context manager.
 
     ``on_hang(seconds, limit)`` runs in the watchdog thread when a step is declared hung; the
     default prints the stacks and a line and calls ``os._exit(EXIT_HUNG)`` (the main thread is
@@ -68,11 +69,6 @@ class HangWatchdog:
                 self._seen += 1
                 if self._seen > self.warmup:
                     self._times.append(time.monotonic() - self._started)
-            self._started = None
-
-    def pause(self):
-        """Stop timing (evaluation, checkpoints and logging are not steps)."""
-        with self._lock:
             self._started = None
 
     def limit(self):
