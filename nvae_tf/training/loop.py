@@ -84,12 +84,9 @@ def train(
         and checkpoint. checkpoint_minutes: also checkpoint when this much wall time passed
         since the last save (0: by steps only; not used with several workers).
         keep_checkpoints: how many checkpoints to keep.
-      hang_factor, hang_min_seconds: the hang watchdog (``nvae_tf.training.watchdog``): a
-        step longer than ``max(hang_factor x recent median, hang_min_seconds)`` ends the
-        process with exit status 75 after printing all threads' stacks (0 disables it).
-      max_rollbacks: on ``max_skipped_steps`` consecutive non-finite steps, roll back to the
-        newest intact checkpoint with half the learning rate, up to this many times
-        (``nvae_tf.training.rollback``); 0 stops instead.
+      hang_factor, hang_min_seconds: the hang watchdog (``nvae_tf.training.watchdog``;
+        ``hang_factor=0`` disables it). max_rollbacks: rollbacks allowed on a streak of
+        non-finite steps (``nvae_tf.training.rollback``); 0 stops instead.
 
     Returns:
       ``{"step", "skipped_steps", "train_<metric>" (epoch-to-date means of the last epoch
@@ -189,7 +186,7 @@ class _Run(RunInputs):
         """Restore the newest intact checkpoint (if any) and the data iterator to continue."""
         import tensorflow as tf
 
-        from nvae_tf.run_dir import checkpoint_dir, intact_checkpoint
+        from nvae_tf.run_dir import RunDirectoryError, checkpoint_dir, intact_checkpoint
 
         # Keras metrics are not trackable themselves; their variables are (epoch averages).
         metrics = {f"{m.name}_{v.name}": v for m in model.metrics for v in m.variables}
@@ -203,9 +200,15 @@ class _Run(RunInputs):
                 file=sys.stderr,
             )
         if path:
-            tf.train.Checkpoint(**state).restore(
-                path
-            ).expect_partial().assert_existing_objects_matched()
+            try:
+                tf.train.Checkpoint(**state).restore(
+                    path
+                ).expect_partial().assert_existing_objects_matched()
+            except AssertionError:  # e.g. written by a version without some of today's state
+                raise RunDirectoryError(
+                    f"--resume: {path} does not hold this version's training state (model, "
+                    "optimizer and metrics); continue it with the nvae-tf that wrote it"
+                ) from None
         step = _global_step(model)
         saved = self.saved_config
         same_data = saved is None or saved.data_dir == self.config.data_dir
