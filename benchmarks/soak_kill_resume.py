@@ -28,7 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import SMALL_SHRUNK  # noqa: E402  (the test suite's shrunk small.yaml)
+from support import SMALL_SHRUNK  # noqa: E402  (the test suite's shrunk small.yaml)
 
 SHRUNK = [*SMALL_SHRUNK, "batch_size=100", "epochs=2"]
 # As tests/test_resume.py: op determinism, and grappler's arithmetic rewrite off (it regroups
@@ -54,7 +54,7 @@ def command(out, steps):
         "1",
         "--log-every",
         "1",
-        "--verbose",
+        "--progress",
         "0",
     ]
 

@@ -1,17 +1,20 @@
-"""The one typed configuration of an NVAE run: architecture (spec 1.7), training (spec 5), data.
+"""The one typed configuration of an NVAE run: architecture, training, data.
 
 ``NVAEConfig`` is a flat frozen dataclass so that every field can be set from YAML, from
-``--set key=value`` and from a tuner with the same names. Field defaults are the original
-implementation's defaults; ``configs/*.yaml`` hold the paper runs (spec 9). The derived layout
-(groups per scale, channels, spatial sizes) lives here too, since every tool needs it.
+``--set key=value`` and from a tuner with the same names. Field names and defaults are the
+original implementation's flags (docs/design.md#config-fields); ``configs/*.yaml`` hold the paper
+runs (docs/design.md#paper-configs). The derived layout (groups per scale, channels, spatial
+sizes; docs/design.md#layout-rules) lives here too, since every tool needs it.
 """
 
 import dataclasses
 import math
-import os
 import typing
+from collections.abc import Iterable
 
 import yaml
+
+from nvae_tf.files import write_atomically
 
 DATASETS = {
     # name: (image_size, channels, num_x_bits, decoder)
@@ -57,7 +60,7 @@ class NVAEConfig:
     shuffle_buffer: int = (
         10000  # streamed sets (TFDS, TFRecord); in-memory sets and folders shuffle fully
     )
-    # --- architecture (spec 1.7) ------------------------------------------------------------
+    # --- architecture (docs/design.md#config-fields) ----------------------------------------
     num_channels_enc: int = 32
     num_channels_dec: int = 32
     num_preprocess_blocks: int = 2
@@ -76,8 +79,8 @@ class NVAEConfig:
     use_se: bool = True
     res_dist: bool = True
     decoder: str = "bernoulli"
-    original_dml_edge: bool = False  # compat: the original's 0.99 top-edge test (spec 3.4)
-    # --- training (spec 5) --------------------------------------------------------------------
+    original_dml_edge: bool = False  # compat: 0.99 top edge, docs/design.md#dml-top-edge
+    # --- training (docs/design.md#objective) --------------------------------------------------
     epochs: int = 400
     batch_size: int = 200  # per replica, as in the paper
     learning_rate: float = 1e-2
@@ -107,7 +110,7 @@ class NVAEConfig:
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values):
+    def from_dict(cls, values: dict) -> "NVAEConfig":
         if not isinstance(values, dict):
             raise ConfigError(
                 f"config must be a mapping of field: value, got {type(values).__name__}"
@@ -120,23 +123,20 @@ class NVAEConfig:
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
 
     @classmethod
-    def from_yaml(cls, path):
+    def from_yaml(cls, path: str) -> "NVAEConfig":
         return cls.from_dict(read_yaml(path, "config file", ConfigError) or {})
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_yaml(self, path):
+    def to_yaml(self, path: str) -> None:
         """Write the config atomically: a killed write never leaves a half file at ``path``."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: yaml.safe_dump(self.to_dict(), f, sort_keys=False))
 
-    def replace(self, **changes):
+    def replace(self, **changes) -> "NVAEConfig":
         return self.from_dict({**self.to_dict(), **changes})
 
-    def with_overrides(self, assignments):
+    def with_overrides(self, assignments: Iterable[str]) -> "NVAEConfig":
         """Apply ``key=value`` strings (values parsed as YAML scalars)."""
         changes = {}
         for item in assignments:
@@ -146,7 +146,7 @@ class NVAEConfig:
             changes[key.strip()] = yaml.safe_load(value) if value.strip() else None
         return self.from_dict({**self.to_dict(), **changes})
 
-    # --- derived layout (spec 1.2-1.4) ------------------------------------------------------
+    # --- derived layout (docs/design.md#layout-rules) ---------------------------------------
     @property
     def groups_per_scale(self):
         """Groups per latent scale, top (lowest resolution) scale first."""
@@ -197,7 +197,7 @@ class NVAEConfig:
 
     @property
     def decoder_channels(self):
-        """Channels of the output conv: Bernoulli logits or mixture parameters (spec 3.4)."""
+        """Output-conv channels: Bernoulli logits or mixture parameters (paper App. A)."""
         if self.decoder == "bernoulli":
             return self.image_channels
         return 10 * self.num_mixture_dec

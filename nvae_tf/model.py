@@ -1,12 +1,15 @@
-"""The NVAE model (spec 1): bottom-up encoder, top-down hierarchy of latent groups, decoder.
+"""The NVAE model (paper §2-3): bottom-up encoder, top-down hierarchy of latent groups, decoder.
 
-Forward pass, top-down once::
+Forward pass, top-down once (docs/design.md#forward-pass)::
 
     x -> 2x-1 -> stem -> pre-process cells -> encoder blocks (one feature per latent group)
     s = h (learned)
     for each group, top first: decoder cells -> prior & posterior -> z -> combine z into s
     s -> post-process cells -> ELU -> output conv -> decoder distribution p(x | z)
 """
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -22,32 +25,55 @@ from nvae_tf.layers.recompute import recompute_cells, run_cells
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D
 from nvae_tf.training.guarded_optimizer import make_optimizer, schedule_step
-from nvae_tf.training.objective import Objective
+from nvae_tf.training.objective import LossTerms, Objective
 from nvae_tf.training.regularizers import SpectralRegularizer
 from nvae_tf.training.step_state import StepState
 
 tfd = tfp.distributions
+# A stateless seed: shape (2,) integers (or one integer), or None for the model's generator.
+Seed = tf.Tensor | Sequence[int] | int | None
 
-TRAIN_METRICS = (
-    "loss",
-    "nelbo",
-    "bpd",
-    "recon",
-    "kl",
-    "beta",
-    "reg_weight",
-    "spectral",
-    "bn_penalty",
-    "grad_norm",
-)
+# What train_step reports (epoch means): the objective's terms, bits/dim and the gradient norm.
+TRAIN_METRICS = (*LossTerms._fields, "bpd", "grad_norm")
+# A latent channel is "active" when its KL, summed over space, exceeds this (nats; the
+# original's threshold in its per-channel KL diagnostics; paper §4.3, footnote 5).
+ACTIVE_KL_THRESHOLD = 0.1
 MNIST_CROP = 2  # 28x28 digits padded to 32x32; the likelihood is scored on the 28x28 crop
+
+
+class NVAEOutput(NamedTuple):
+    """One posterior pass of the model (``NVAE.__call__``); per-image values are in nats.
+
+    A NamedTuple so that ``tf.function`` and ``tf.distribute`` can return it.
+    """
+
+    output_distribution: tfd.Distribution  # p(x | z); ``log_prob(x)`` is per image, (B,)
+    logits: tf.Tensor  # its raw parameters (B, H, W, P)
+    kl: tf.Tensor  # KL(q || p) per image and group, top group first (B, groups)
+    log_q: tf.Tensor  # log q(z | x) summed over groups (B,)
+    log_p: tf.Tensor  # log p(z) summed over groups (B,)
+    kl_per_channel: tf.Tensor  # KL per group and latent channel, batch mean (groups, C_z)
+    posterior_mean: list  # per group (B, h, w, C_z), top group first
+    posterior_stddev: list
+
+    def reconstruction(self, x: tf.Tensor) -> tf.Tensor:
+        """-log p(x | z) per image (B,)."""
+        return -self.output_distribution.log_prob(x)
+
+    def negative_elbo(self, x: tf.Tensor) -> tf.Tensor:
+        """The per-image negative ELBO -log p(x | z) + sum_l KL_l (B,): what NVAE minimises."""
+        return self.reconstruction(x) + tf.reduce_sum(self.kl, axis=1)
+
+    def log_weight(self, x: tf.Tensor) -> tf.Tensor:
+        """log p(x, z) - log q(z | x) per image (B,): one importance weight."""
+        return -self.reconstruction(x) + self.log_p - self.log_q
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class NVAE(CheckpointListsMixin, keras.Model):
     """Nouveau VAE. ``NVAE(config)`` builds every variable at construction (batch of one)."""
 
-    def __init__(self, config, **kwargs):
+    def __init__(self, config: NVAEConfig | dict, **kwargs):
         super().__init__(**kwargs)
         if isinstance(config, dict):
             config = NVAEConfig.from_dict(config)
@@ -133,37 +159,34 @@ class NVAE(CheckpointListsMixin, keras.Model):
         # Validate before Keras wraps call() errors in a multi-line report.
         return super().__call__(self.check_images(x), *args, **kwargs)
 
-    def call(self, x, training=None, seed=None):
+    def call(self, x: tf.Tensor, training: bool | None = None, seed: Seed = None) -> NVAEOutput:
         """Posterior pass on images ``x`` in [0, 1], shape (B, H, W, C).
 
-        Returns a dict: ``decoder`` (p(x|z), per-image ``log_prob``), ``logits`` (its raw
-        parameters), ``kl`` (B, groups), ``log_q`` and ``log_p`` (B,) summed over all groups,
-        ``kl_per_channel`` (groups, latent channels) averaged over the batch, and per-group
-        ``posterior_mean`` / ``posterior_stddev`` lists. ``seed`` (shape (2,) int32) makes the
-        posterior samples reproducible; by default they come from the model's generator.
+        Returns an ``NVAEOutput``. ``seed`` (shape (2,) int) makes the posterior samples
+        reproducible; by default they come from the model's generator.
         """
         x = self.check_images(x)
         seed = self.stateless_seed(seed)
         features = self._bottom_up(x, training)
         s = self._initial_state(tf.shape(x)[0])
-        stats = []
+        groups = []
         for group in self.groups:
             s = self._run(group.cells, s, training)
-            s, group_stats = group(
+            s, group_output = group(
                 s, features[-1 - group.index], _fold(seed, group.index), training=training
             )
-            stats.append(group_stats)
+            groups.append(group_output)
         logits = self._top_down_output(s, training)
-        return {
-            "decoder": self.decoder_distribution(logits),
-            "logits": logits,
-            "kl": tf.stack([st["kl"] for st in stats], axis=1),
-            "log_q": tf.add_n([st["log_q"] for st in stats]),
-            "log_p": tf.add_n([st["log_p"] for st in stats]),
-            "kl_per_channel": tf.stack([st["kl_per_channel"] for st in stats]),
-            "posterior_mean": [st["posterior_mean"] for st in stats],
-            "posterior_stddev": [st["posterior_stddev"] for st in stats],
-        }
+        return NVAEOutput(
+            output_distribution=self.output_distribution(logits),
+            logits=logits,
+            kl=tf.stack([g.kl for g in groups], axis=1),
+            log_q=tf.add_n([g.log_q for g in groups]),
+            log_p=tf.add_n([g.log_p for g in groups]),
+            kl_per_channel=tf.stack([g.kl_per_channel for g in groups]),
+            posterior_mean=[g.posterior_mean for g in groups],
+            posterior_stddev=[g.posterior_stddev for g in groups],
+        )
 
     def _bottom_up(self, x, training):
         """Encoder features, one per latent group, bottom-up order (last = final feature)."""
@@ -196,7 +219,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         return x
 
     # --- decoder distribution -----------------------------------------------------------------
-    def decoder_distribution(self, logits, temperature=1.0):
+    def output_distribution(self, logits: tf.Tensor, temperature: float = 1.0) -> tfd.Distribution:
         """p(x | z) with a per-image ``log_prob`` (summed over pixels and channels)."""
         c = self.config
         if c.decoder == "bernoulli":
@@ -210,19 +233,19 @@ class NVAE(CheckpointListsMixin, keras.Model):
         return tfd.Independent(mixture, reinterpreted_batch_ndims=2)
 
     # --- generation and inference -------------------------------------------------------------
-    def prior_decoder(
+    def prior_output_distribution(
         self,
-        num_samples,
-        temperature=1.0,
-        decoder_temperature=1.0,
-        training=False,
-        seed=None,
-        num_fixed_groups=0,
-        fixed_seed=None,
-    ):
+        num_samples: int,
+        temperature: float = 1.0,
+        decoder_temperature: float = 1.0,
+        training: bool = False,
+        seed: Seed = None,
+        num_fixed_groups: int = 0,
+        fixed_seed: Seed = None,
+    ) -> tfd.Distribution:
         """Walk the prior at latent ``temperature``; returns p(x | z) of the samples.
 
-        ``training=True`` runs batch norm in training mode (BN re-adjustment, paper 4.2).
+        ``training=True`` runs batch norm in training mode (BN re-adjustment, paper §4.2).
         The first ``num_fixed_groups`` groups draw their z from ``fixed_seed`` instead of
         ``seed``: calls that share ``fixed_seed`` and ``num_samples`` share those z sample by
         sample while the lower groups vary with ``seed`` (paper Fig. 12).
@@ -234,14 +257,19 @@ class NVAE(CheckpointListsMixin, keras.Model):
             s = run_cells(group.cells, s, training=training)
             group_seed = fixed_seed if group.index < num_fixed_groups else seed
             s = group.sample(s, _fold(group_seed, group.index), temperature)
-        return self.decoder_distribution(self._top_down_output(s, training), decoder_temperature)
+        return self.output_distribution(self._top_down_output(s, training), decoder_temperature)
 
     def sample(
-        self, num_samples, temperature=1.0, decoder_temperature=1.0, training=False, seed=None
-    ):
+        self,
+        num_samples: int,
+        temperature: float = 1.0,
+        decoder_temperature: float = 1.0,
+        training: bool = False,
+        seed: Seed = None,
+    ) -> tf.Tensor:
         """Images in [0, 1]: Bernoulli means for binary data, mixture samples for colour."""
         seed = self.stateless_seed(seed)
-        decoder = self.prior_decoder(
+        decoder = self.prior_output_distribution(
             num_samples, temperature, decoder_temperature, training, seed=seed
         )
         return _images(decoder, _fold(seed, -1))
@@ -249,14 +277,15 @@ class NVAE(CheckpointListsMixin, keras.Model):
     def encode(self, x, seed=None):
         """Per-group posterior (means, stddevs), top group first, from one posterior pass."""
         out = self(x, training=False, seed=seed)
-        return out["posterior_mean"], out["posterior_stddev"]
+        return out.posterior_mean, out.posterior_stddev
 
-    def reconstruct(self, x, seed=None):
+    def reconstruct(self, x: tf.Tensor, seed: Seed = None) -> tf.Tensor:
         """Decode the posterior sample of ``x`` (Bernoulli means / mixture samples)."""
         seed = self.stateless_seed(seed)
-        return _images(self(x, training=False, seed=seed)["decoder"], _fold(seed, -1))
+        out = self(x, training=False, seed=seed)
+        return _images(out.output_distribution, _fold(seed, -1))
 
-    def stateless_seed(self, seed=None):
+    def stateless_seed(self, seed: Seed = None) -> tf.Tensor:
         """A stateless seed: the given one, or the next from the model's generator."""
         if seed is None:
             return self.noise.make_seeds(1)[:, 0]
@@ -264,16 +293,22 @@ class NVAE(CheckpointListsMixin, keras.Model):
         return seed if seed.shape.rank == 1 else tf.stack([seed, tf.zeros_like(seed)])
 
     @tf.function(reduce_retracing=True)
-    def log_likelihood(self, x, num_samples=1000, max_images_per_pass=256, seed=None):
+    def log_likelihood(
+        self,
+        x: tf.Tensor,
+        num_samples: int = 1000,
+        max_images_per_pass: int = 256,
+        seed: Seed = None,
+    ) -> tf.Tensor:
         """Importance-weighted log p(x) per image in nats, from ``num_samples`` samples."""
         return importance_weighted(self, x, num_samples, max_images_per_pass, seed)[0]
 
     @tf.function(reduce_retracing=True)
-    def elbo(self, x, num_samples=1, seed=None):
+    def elbo(self, x: tf.Tensor, num_samples: int = 1, seed: Seed = None) -> tf.Tensor:
         """Evidence lower bound per image in nats, averaged over ``num_samples`` samples."""
         return importance_weighted(self, x, num_samples, seed=seed)[1]
 
-    def check_images(self, x):
+    def check_images(self, x: tf.Tensor) -> tf.Tensor:
         """Validate an image batch against the config; one-line ValueError otherwise."""
         c = self.config
         x = tf.convert_to_tensor(x)
@@ -287,8 +322,10 @@ class NVAE(CheckpointListsMixin, keras.Model):
             raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype.name}")
         return x
 
-    # --- training (spec 5) ----------------------------------------------------------------------
-    def compile(self, steps_per_epoch, optimizer=None, **kwargs):
+    # --- training (docs/design.md#objective) ----------------------------------------------------
+    def compile(
+        self, steps_per_epoch: int, optimizer: keras.optimizers.Optimizer | None = None, **kwargs
+    ) -> None:
         """Prepare ``fit``: NVAE's guarded Adamax + schedule unless ``optimizer`` is given.
 
         ``steps_per_epoch`` (per replica, as the original's loader length) sets the length of
@@ -312,15 +349,19 @@ class NVAE(CheckpointListsMixin, keras.Model):
             out = self(x, training=True)
             terms = self.objective(self, out, x, schedule_step(self.optimizer))
             # Gradients are summed over replicas: each contributes its share of the mean.
-            scaled = self.optimizer.scale_loss(terms["loss"] / replicas)
+            scaled = self.optimizer.scale_loss(terms.loss / replicas)
         grads = tape.gradient(scaled, self.trainable_variables)
         # A non-finite loss must skip the step even if its gradients happen to be finite.
-        grads[0] = tf.where(tf.math.is_finite(terms["loss"]), grads[0], float("nan"))
+        grads[0] = tf.where(tf.math.is_finite(terms.loss), grads[0], float("nan"))
         scale = tf.cast(self.optimizer.scale_loss(1.0), tf.float32)
-        terms["grad_norm"] = tf.linalg.global_norm(grads) / scale * replicas
+        grad_norm = tf.linalg.global_norm(grads) / scale * replicas
         self.optimizer.apply(grads, self.trainable_variables)
-        terms["bpd"] = bits_per_dim(terms["nelbo"], self.config.num_output_dims)
-        for name, value in terms.items():
+        values = {
+            **terms._asdict(),
+            "grad_norm": grad_norm,
+            "bpd": bits_per_dim(terms.nelbo, self.config.num_output_dims),
+        }
+        for name, value in values.items():
             if name in self._trackers:
                 self._trackers[name].update_state(value)
         state.restore_unless(tf.equal(self.optimizer.consecutive_skips, 0))
@@ -333,7 +374,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
     def test_step(self, data):
         x = _images_of(data)
         out = self(x, training=False)
-        nelbo = tf.reduce_mean(-out["decoder"].log_prob(x) + tf.reduce_sum(out["kl"], axis=1))
+        nelbo = tf.reduce_mean(out.negative_elbo(x))
         return self._update_metrics(
             {"nelbo": nelbo, "bpd": bits_per_dim(nelbo, self.config.num_output_dims)}
         )
@@ -347,7 +388,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
 
     # --- parts used by the regularizers ---------------------------------------------------------
     def conv_layers(self):
-        """Every conv of the model (the spectral regularizer's set, spec 5.4)."""
+        """Every conv (the spectral regularizer's set, docs/design.md#spectral-regularization)."""
         return [layer for layer in self._flatten_layers() if isinstance(layer, Conv2D)]
 
     def batchnorm_layers(self):

@@ -19,9 +19,13 @@ import re
 import shutil
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 from nvae_tf.config import ConfigError, NVAEConfig
 from nvae_tf.tf_messages import captured_stderr_fd, one_line
+
+if TYPE_CHECKING:
+    from nvae_tf.model import NVAE
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -42,7 +46,7 @@ def checkpoint_dir(run_dir):
     return os.path.join(run_dir, CHECKPOINT_DIR)
 
 
-def load_run_config(run_dir):
+def load_run_config(run_dir: str) -> NVAEConfig:
     path = config_path(run_dir)
     if not os.path.isfile(path):
         raise RunDirectoryError(
@@ -228,7 +232,7 @@ def intact_checkpoint(directory, set_aside=False):
     return None
 
 
-def latest_checkpoint(run_dir):
+def latest_checkpoint(run_dir: str) -> str:
     """The newest intact checkpoint of a run (see ``intact_checkpoint``)."""
     path = intact_checkpoint(checkpoint_dir(run_dir))
     if path is None:
@@ -238,7 +242,12 @@ def latest_checkpoint(run_dir):
     return path
 
 
-def restore_model(run_dir, use_ema=True, config=None, path=None):
+def restore_model(
+    run_dir: str,
+    use_ema: bool = True,
+    config: NVAEConfig | None = None,
+    path: str | None = None,
+) -> "NVAE":
     """Rebuild the model of a run and load its latest weights (EMA weights if trained with EMA).
 
     ``config`` may override the saved one (e.g. a different precision); the architecture
@@ -248,7 +257,7 @@ def restore_model(run_dir, use_ema=True, config=None, path=None):
     import tensorflow as tf
 
     from nvae_tf.model import NVAE
-    from nvae_tf.training.guarded_optimizer import make_optimizer, moving_averages
+    from nvae_tf.training.guarded_optimizer import make_optimizer
 
     config = config or load_run_config(run_dir)
     path = path or latest_checkpoint(run_dir)
@@ -259,9 +268,6 @@ def restore_model(run_dir, use_ema=True, config=None, path=None):
         optimizer.build(model.trainable_variables)
         objects["optimizer"] = optimizer
     tf.train.Checkpoint(**objects).restore(path).expect_partial()
-    if "optimizer" in objects:
-        for variable, average in zip(
-            model.trainable_variables, moving_averages(objects["optimizer"])
-        ):
-            variable.assign(average)
+    if "optimizer" in objects:  # the weights become their moving averages
+        objects["optimizer"].finalize_variable_values(model.trainable_variables)
     return model

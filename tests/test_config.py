@@ -1,17 +1,17 @@
-"""NVAEConfig: the paper configs and their derived layouts (spec 1.3, 1.4, 9), YAML, validation."""
+"""NVAEConfig: paper configs, derived layouts (docs/design.md#layout-rules), YAML, validation."""
 
 import dataclasses
 import pathlib
 
 import pytest
 import yaml
-from conftest import tiny_config
+from support import tiny_config
 
 from nvae_tf.config import ConfigError, NVAEConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
-# Spec 1.4 [derived], top (lowest-resolution) scale first:
+# Worked out by hand from docs/design.md#layout-rules, top (lowest-resolution) scale first:
 # (groups per scale, total groups, latent sizes, decoder channels per scale, h shape (H, W, C)).
 SPEC_LAYOUTS = {
     "mnist": ([5, 10], 15, [4, 8], [256, 128], (4, 4, 256)),
@@ -28,7 +28,7 @@ SPEC_LAYOUTS = {
     "ffhq256": ([4, 4, 4, 8, 16], 36, [8, 16, 32, 64, 128], [960, 480, 240, 120, 60], (8, 8, 960)),
 }
 
-# Spec 9, README commands (values in parentheses there are the defaults).
+# The original's published commands with its defaults filled in (docs/design.md#paper-configs).
 _FLAG_NAMES = (
     "epochs",
     "batch_size",
@@ -61,7 +61,7 @@ def load(name):
 
 
 def spec_groups_per_scale(num_scales, n, ada, minimum):
-    """Spec 1.3 (the original ``utils.groups_per_scale``): highest resolution first."""
+    """The original's rule (docs/design.md#layout-rules): highest resolution first."""
     groups = []
     for _ in range(num_scales):
         groups.append(n)
@@ -89,9 +89,9 @@ def test_paper_layouts_match_spec_table(name):
     assert config.latent_sizes == sizes
     assert config.channels_per_scale == channels
     assert tuple(config.h_shape) == h_shape
-    # Encoder and decoder widths are equal in every paper config (spec 1.4).
+    # Encoder and decoder widths are equal in every paper config (docs/design.md#paper-configs).
     assert config.num_channels_enc == config.num_channels_dec
-    # The config property is the reversed original rule of spec 1.3.
+    # The config property is the original's rule reversed (docs/design.md#layout-rules).
     assert (
         config.groups_per_scale
         == spec_groups_per_scale(
@@ -128,7 +128,7 @@ def test_paper_configs_carry_readme_flags(name):
 
 @pytest.mark.slow
 def test_mnist_paper_model_builds_with_spec_layout():
-    """Build the real MNIST paper model once: its h variable and group list (spec 1.4)."""
+    """Build the real MNIST paper model once: h and group list (docs/design.md#paper-configs)."""
     from nvae_tf.model import NVAE
 
     model = NVAE(load("mnist"))

@@ -10,9 +10,10 @@ Making the two runs comparable:
     replicated batch is split, so the posterior samples would differ from the single-device
     run. The worker patches the posterior to "sample" its mean (z = mu(x)), which removes the
     noise and keeps the gradients of every weight (a deterministic auto-encoding pass).
-  * KL balancing (spec 5.3) weights the groups by the LOCAL replica batch mean of the KL, as
-    in the original (which does not all-reduce it), so it legitimately differs between 1 and 2
-    replicas while beta < 1; the comparison runs with ``kl_balance: false``.
+  * KL balancing (docs/design.md#kl-balancing) weights the groups by the LOCAL replica batch
+    mean of the KL, as in the original (which does not all-reduce it), so it legitimately
+    differs between 1 and 2 replicas while beta < 1; the comparison runs with
+    ``kl_balance: false``.
   * Everything else is replica-exact: BN statistics are all-reduced, gradients are summed over
     replicas of (local mean loss / replicas), the spectral power-iteration vectors start equal.
 Tolerances: loss and NELBO rtol 1e-5; weights after one Adamax step (lr 1e-2) atol 3e-5, i.e.
@@ -126,7 +127,7 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
     import tensorflow_probability as tfp
 
     sys.path.insert(0, str(HERE))
-    from conftest import binary_images, tiny_config
+    from support import binary_images, tiny_config
 
     from nvae_tf.layers import latent_group
     from nvae_tf.layers.normalization import BatchNorm
@@ -274,8 +275,7 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
     def poisoned(model, outputs, images, iteration):
         terms = objective(model, outputs, images, iteration)
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        terms["loss"] = terms["loss"] + tf.where(tf.equal(replica, 1), float("nan"), 0.0)
-        return terms
+        return terms._replace(loss=terms.loss + tf.where(tf.equal(replica, 1), float("nan"), 0.0))
 
     def counters():
         opt = multi.optimizer

@@ -1,8 +1,4 @@
-"""Tests for nvae_tf.distributions (spec 3.1-3.6)."""
-
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+"""Tests for nvae_tf.distributions (docs/design.md#latent-distributions, #output-distributions)."""
 
 import numpy as np
 import pytest
@@ -23,7 +19,8 @@ tfd = tfp.distributions
 
 # ---------------------------------------------------------------------------------------------
 # Helpers for the logistic mixture: params built from named per-channel values, and a brute-force
-# float64 numpy reference written directly from the spec's channel layout and formula.
+# float64 numpy reference written from the channel layout and formula of the original
+# (docs/design.md#output-distributions).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -64,7 +61,7 @@ def _log_softmax(z):
 
 
 def _reference_log_prob(params, pixels, num_bits, upper_edge):
-    """Literal float64 transcription of the spec 3.4 formula for integer pixel values."""
+    """Literal float64 transcription of the mixture formula for integer pixel values."""
     logits, means, log_scales, coeffs = _unpack_params(params)
     max_val = 2.0**num_bits - 1.0
     x = 2.0 * pixels / max_val - 1.0
@@ -192,9 +189,9 @@ def _pixels_8bit():
 
 
 def test_dml_mass_sums_to_one_8bit():
-    # The spec's fallback (log pdf + log bin width when a bin's mass < 1e-5) is itself biased by
-    # up to ~1e-5 per channel for the narrowest logistics (s ~ e^-7); these pixels include
-    # such channels and stay well inside the tolerance.
+    # The original's fallback (log pdf + log bin width when a bin's mass < 1e-5) is itself
+    # biased by up to ~1e-5 per channel for the narrowest logistics (s ~ e^-7); these pixels
+    # include such channels and stay well inside the tolerance.
     means, log_scales = _pixels_8bit()
     np.testing.assert_allclose(_factorised_mass_8bit(means, log_scales, False), 1.0, atol=1e-5)
 

@@ -7,12 +7,10 @@ import subprocess
 import sys
 import textwrap
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import colour_config, tiny_config
+from support import colour_config, tiny_config
 from tiny_runs import Run, write_colour_folder
 
 from nvae_tf.inference.evaluation import evaluate, evaluation_dataset
@@ -207,8 +205,8 @@ def test_evaluate_equals_the_per_batch_model_likelihood(runs):
     "argv, message",
     [
         (["--checkpoint", "/nonexistent/run"], "config.yaml"),
-        (["--num-iw-samples", "0"], "--num-iw-samples must be >= 1"),
-        (["--batch-size", "-2"], "--batch-size must be >= 1"),
+        (["--num-iw-samples", "0"], "argument --num-iw-samples: must be >= 1"),
+        (["--batch-size", "-2"], "argument --batch-size: must be >= 1"),
     ],
 )
 def test_eval_cli_user_errors_are_one_line(runs, capsys, argv, message):
@@ -258,3 +256,25 @@ def test_evaluation_distributed_over_two_replicas(runs, tmp_path):
     for key in ("nll_nats", "elbo_nats"):  # other posterior samples, same estimate
         assert mirrored[key] == pytest.approx(single[key], abs=3 * single[key + "_se"])
         assert mirrored[key] != single[key]
+
+
+def test_restore_model_takes_the_moving_averages_of_an_ema_run(tmp_path):
+    """EMA runs are evaluated with the averaged weights, through Keras' own EMA API."""
+    run = Run(tmp_path / "run", tiny_config(ema_decay=0.9))
+    variables = run.model.trainable_variables
+    optimizer = run.manager.checkpoint.optimizer
+    steps = []
+    for _ in range(2):  # Keras starts the average at the first step's weights
+        optimizer.apply([tf.ones_like(v) for v in variables], variables)
+        steps.append([v.numpy() for v in variables])
+    run.save()
+
+    raw = restore_model(run.dir, use_ema=False)
+    averaged = restore_model(run.dir)
+    changed = 0
+    for i, (v_raw, v_avg) in enumerate(zip(raw.trainable_variables, averaged.trainable_variables)):
+        first, last = steps[0][i], steps[1][i]
+        np.testing.assert_array_equal(v_raw.numpy(), last)
+        np.testing.assert_allclose(v_avg.numpy(), 0.9 * first + 0.1 * last, rtol=1e-5, atol=1e-6)
+        changed += not np.allclose(first, last)
+    assert changed > len(variables) // 2

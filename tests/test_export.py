@@ -7,11 +7,9 @@ import subprocess
 import sys
 import textwrap
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import numpy as np
 import pytest
-from conftest import binary_images, tiny_config
+from support import binary_images, tiny_config
 from tiny_runs import Run
 
 from nvae_tf.inference.serving import SERVING_SEED, SIGNATURES

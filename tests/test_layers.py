@@ -1,4 +1,4 @@
-"""The building blocks against the reference rules of spec 2 (cells, WN conv, BN, SE, skips)."""
+"""Cells, WN conv, BN, SE and skips against the original's rules (docs/design.md#architecture)."""
 
 import math
 
@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_config
+from support import tiny_config
 
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.layers.combiners import DecoderCombiner, EncoderCombiner
@@ -137,13 +137,13 @@ def test_model_get_config_from_config_round_trip(bernoulli_model):
     x = tf.zeros((2, 32, 32, 1))
     a = model(x, training=False, seed=[5, 6])
     b = clone(x, training=False, seed=[5, 6])
-    np.testing.assert_allclose(a["kl"], b["kl"], rtol=1e-6)
-    np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a.kl, b.kl, rtol=1e-6)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-6, atol=1e-6)
     revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
     assert isinstance(revived, NVAE) and revived.config == model.config
 
 
-# ----------------------------------------------------------------------------- weight norm (2.7)
+# ------------------------------------------------ weight norm (docs/design.md#weight-normalization)
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
@@ -213,7 +213,7 @@ def test_conv_argument_errors():
         Conv2D(4, 3, depthwise=True)(randn(1, 4, 4, 3))
 
 
-# ----------------------------------------------------------------------------- padding (2.9)
+# -------------------------------------------------- padding (docs/design.md#padding-and-resampling)
 
 
 @pytest.mark.parametrize("size", [8, 7])
@@ -265,7 +265,7 @@ def test_depthwise_cpu_kernel_gradient_equals_tensorflows():
         np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- SE (2.6)
+# ----------------------------------------------------------------------------- SE (paper §3.1.1)
 
 
 @pytest.mark.parametrize(
@@ -289,7 +289,7 @@ def test_se_is_gap_relu_sigmoid_gate():
     np.testing.assert_allclose(y, x.numpy() * gate[:, None, None, :], rtol=1e-5, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------- cells (2.1-2.4)
+# --------------------------------------------------------------------- cells (docs/design.md#cells)
 
 
 def test_encoder_cells_shapes_and_ops():
@@ -303,7 +303,7 @@ def test_encoder_cells_shapes_and_ops():
     for conv in (down.conv_1, down.conv_2):
         assert conv.weight_norm and conv.use_bias
     bns = [l for l in down._flatten_layers() if isinstance(l, BatchNorm)]
-    assert len(bns) == 2  # spec 2.8: two (fused) BNs per encoder cell
+    assert len(bns) == 2  # two (fused) BNs per encoder cell (docs/design.md#batch-normalization)
     assert isinstance(down.reduce, FactorizedReduce) and normal.reduce is None
 
 
@@ -314,20 +314,20 @@ def test_decoder_cells_shapes_and_expansion_from_input_width(expansion):
     assert normal(x, training=False).shape == (2, 4, 4, 8)
     assert up(x, training=False).shape == (2, 8, 8, 4)  # halves C, doubles H, W
     for cell, cout in ((normal, 8), (up, 4)):
-        hidden = 8 * expansion  # from the INPUT width, also for the up cell (spec 2.4)
+        hidden = 8 * expansion  # from the INPUT width, also for the up cell (docs/design.md#cells)
         assert tuple(cell.expand.kernel.shape) == (1, 1, 8, hidden)
         assert tuple(cell.depthwise.kernel.shape) == (5, 5, hidden, 1)
         assert tuple(cell.project.kernel.shape) == (1, 1, hidden, cout)
         for conv in (cell.expand, cell.depthwise, cell.project):
             assert not conv.weight_norm and not conv.use_bias
         bns = [l for l in cell._flatten_layers() if isinstance(l, BatchNorm)]
-        assert len(bns) == 4  # spec 2.8: plain, fused, fused, plain
+        assert len(bns) == 4  # plain, fused, fused, plain (docs/design.md#cells)
         assert tuple(cell.bn_in.gamma.shape) == (8,) and tuple(cell.bn_out.gamma.shape) == (cout,)
     assert isinstance(up.up_skip, UpSkip) and normal.up_skip is None
 
 
 def test_cell_op_order_follows_spec():
-    """Compose the sub-layers by hand in the order of spec 2.3 / 2.4 (SE off)."""
+    """Compose the sub-layers by hand in the order of docs/design.md#cells (SE off)."""
     x = randn(2, 4, 4, 8)
     enc = EncoderCell(use_se=False)
     got = enc(x, training=False)
@@ -377,7 +377,7 @@ def test_residual_branch_is_scaled_by_one_tenth():
     np.testing.assert_allclose(down(x, training=False) - down.reduce(x), 0.1, rtol=1e-5)
 
 
-# ----------------------------------------------------------------------------- skips (2.5)
+# --------------------------------------------------------------------- skips (docs/design.md#cells)
 
 
 def test_factorized_reduce_channel_split_and_shifted_views():
@@ -429,7 +429,7 @@ def test_up_skip_is_bilinear_align_corners_then_1x1_without_bias():
     assert np.abs(half_pixel - y).max() > 1e-2
 
 
-# ----------------------------------------------------------------------------- batch norm (2.8)
+# -------------------------------------------------- batch norm (docs/design.md#batch-normalization)
 
 
 def test_batchnorm_constants_everywhere(bernoulli_model):

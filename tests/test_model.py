@@ -1,4 +1,4 @@
-"""The whole model: parameter counts from the spec's rules, forward outputs, IW estimates, API."""
+"""The whole model: parameter counts from the original's rules, outputs, IW estimates, API."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import binary_images, colour_config, colour_images, tiny_config
+from support import binary_images, colour_config, colour_images, tiny_config
 
 from nvae_tf.config import NVAEConfig
 from nvae_tf.inference.likelihood import importance_weighted
@@ -22,12 +22,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- parameter count
-# Written from spec 1.2-1.6, 2.2-2.7 and 4 only (the original AutoEncoder.__init__ walk), not
-# from nvae_tf: a second, independent description of the architecture.
+# Written from the original's construction rules only (its AutoEncoder.__init__, model.py:104;
+# docs/design.md#layout-rules, #cells, #latent-groups, #flows), not from nvae_tf: a second,
+# independent description of the architecture.
 
 
 def wn_conv(k, cin, cout, bias=True):
-    """Weight-normalized conv: kernel, per-output log-norm, optional bias (spec 2.7)."""
+    """WN conv: kernel, per-output log-norm, optional bias (docs/design.md#weight-normalization)."""
     return k * k * cin * cout + cout + (cout if bias else 0)
 
 
@@ -43,7 +44,7 @@ def squeeze_excitation(c, use_se):
 
 
 def encoder_cell(c, down, use_se):
-    """BN-Swish-Conv3x3 twice + SE (spec 2.3); a down cell doubles C, FactorizedReduce skip."""
+    """BN-Swish-Conv3x3 twice + SE (docs/design.md#cells); down cell: 2C, FactorizedReduce skip."""
     cout = 2 * c if down else c
     n = batch_norm(c) + wn_conv(3, c, cout) + batch_norm(cout) + wn_conv(3, cout, cout)
     n += squeeze_excitation(cout, use_se)
@@ -54,7 +55,7 @@ def encoder_cell(c, down, use_se):
 
 
 def decoder_cell(c, expansion, up, use_se):
-    """Inverted residual (spec 2.4): hidden from the INPUT width, inner convs without WN/bias."""
+    """Inverted residual (docs/design.md#cells): hidden from the INPUT width, inner convs plain."""
     cout = c // 2 if up else c
     hidden = c * expansion
     n = (
@@ -73,18 +74,19 @@ def decoder_cell(c, expansion, up, use_se):
 
 
 def flow_pairs(num_nf, z):
-    """num_nf pairs of CellAR (spec 4): masked WN convs 3x3 z->6z, dw 5x5, 1x1 6z->z + bias."""
+    """num_nf IAF pairs (docs/design.md#flows): masked WN 3x3 z->6z, dw 5x5, 1x1 6z->z + bias."""
     cell = wn_conv(3, z, 6 * z, bias=False) + (25 * 6 * z + 6 * z) + wn_conv(1, 6 * z, z)
     return num_nf * 2 * cell
 
 
 def spec_trainable_params(c):
-    """Trainable parameters of the original NVAE built from config ``c``, by the spec's rules.
+    """Trainable parameters of the original NVAE built from config ``c``, by its own rules.
 
-    Also returns the number of BN layers (spec 2.8: 2 per encoder cell, 4 per decoder cell).
+    Also returns the number of BN layers (2 per encoder cell, 4 per decoder cell;
+    docs/design.md#batch-normalization).
     """
     z, se = c.num_latent_per_group, c.use_se
-    # Spec 1.3: groups per scale, highest resolution first.
+    # Groups per scale (docs/design.md#layout-rules), highest resolution first.
     groups, n = [], c.num_groups_per_scale
     for _ in range(c.num_latent_scales):
         groups.append(n)
@@ -191,7 +193,7 @@ def test_trainable_params_equal_spec_count(make, overrides):
 
 
 def test_small_config_count_matches_nvae_info_cli():
-    """``nvae-info --json`` reports the layout and the same count as the spec walk."""
+    """``nvae-info --json`` reports the layout and the same count as ``spec_trainable_params``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(
         [sys.executable, "-m", "trainers.info", "--config", "configs/small.yaml", "--json"],
@@ -238,20 +240,20 @@ def test_forward_outputs_bernoulli(bernoulli_model):
     x = binary_images(3)
     out = bernoulli_model(x, training=False, seed=[1, 2])
     L = bernoulli_model.config.num_groups
-    assert out["kl"].shape == (3, L)
-    assert out["log_q"].shape == (3,) and out["log_p"].shape == (3,)
-    assert out["kl_per_channel"].shape == (L, 20)
-    assert out["logits"].shape == (3, 32, 32, 1)
-    assert out["decoder"].log_prob(x).shape == (3,)
+    assert out.kl.shape == (3, L)
+    assert out.log_q.shape == (3,) and out.log_p.shape == (3,)
+    assert out.kl_per_channel.shape == (L, 20)
+    assert out.logits.shape == (3, 32, 32, 1)
+    assert out.output_distribution.log_prob(x).shape == (3,)
     sizes = [8, 16, 16]  # top group at 8x8, then two groups at 16x16
-    for mean, std, size in zip(out["posterior_mean"], out["posterior_stddev"], sizes):
+    for mean, std, size in zip(out.posterior_mean, out.posterior_stddev, sizes):
         assert mean.shape == std.shape == (3, size, size, 20)
-    for value in (out["kl"], out["log_q"], out["log_p"], out["kl_per_channel"], out["logits"]):
+    for value in (out.kl, out.log_q, out.log_p, out.kl_per_channel, out.logits):
         assert value.dtype == tf.float32 and np.all(np.isfinite(value))
     # Without flows the KL is analytic, hence >= 0; kl_per_channel is its batch mean.
-    assert np.all(out["kl"].numpy() >= -1e-3)
+    assert np.all(out.kl.numpy() >= -1e-3)
     np.testing.assert_allclose(
-        out["kl_per_channel"].numpy().sum(axis=1), out["kl"].numpy().mean(axis=0), rtol=1e-4
+        out.kl_per_channel.numpy().sum(axis=1), out.kl.numpy().mean(axis=0), rtol=1e-4
     )
 
 
@@ -259,13 +261,13 @@ def test_forward_outputs_mixture_with_flows(colour_model):
     x = colour_images(2)
     out = colour_model(x, training=False, seed=[1, 2])
     L = colour_model.config.num_groups
-    assert out["kl"].shape == (2, L) and out["kl_per_channel"].shape == (L, 20)
-    assert out["log_q"].shape == (2,) and out["log_p"].shape == (2,)
-    assert out["logits"].shape == (2, 16, 16, 100)
-    assert out["decoder"].log_prob(x).shape == (2,)
+    assert out.kl.shape == (2, L) and out.kl_per_channel.shape == (L, 20)
+    assert out.log_q.shape == (2,) and out.log_p.shape == (2,)
+    assert out.logits.shape == (2, 16, 16, 100)
+    assert out.output_distribution.log_prob(x).shape == (2,)
     # With flows the KL is the single-sample estimate log q - log p, summed over groups.
     np.testing.assert_allclose(
-        out["kl"].numpy().sum(axis=1), (out["log_q"] - out["log_p"]).numpy(), rtol=1e-4, atol=1e-2
+        out.kl.numpy().sum(axis=1), (out.log_q - out.log_p).numpy(), rtol=1e-4, atol=1e-2
     )
 
 
@@ -275,7 +277,7 @@ def test_mnist_likelihood_is_scored_on_the_28x28_crop(bernoulli_model):
     flipped = x.copy()
     flipped[:, :2] = 1 - flipped[:, :2]  # change only the 2-pixel border
     flipped[:, :, -2:] = 1 - flipped[:, :, -2:]
-    decoder = out["decoder"]
+    decoder = out.output_distribution
     np.testing.assert_allclose(decoder.log_prob(x), decoder.log_prob(flipped), rtol=1e-6)
 
 
@@ -289,13 +291,13 @@ def test_residual_posterior_equals_prior_when_encoder_outputs_are_zero():
     model = NVAE(tiny_config())
     x = binary_images(2)
     before = model(x, training=False, seed=[3, 3])
-    assert np.all(before["kl"].numpy()[:, 1:] > 1e-2)
+    assert np.all(before.kl.numpy()[:, 1:] > 1e-2)
     for group in model.groups[1:]:
         _zero_posterior_head(group)
     after = model(x, training=False, seed=[3, 3])
     # Analytic KL of q == p is zero for every residual group; the top group is not residual.
-    np.testing.assert_allclose(after["kl"].numpy()[:, 1:], 0.0, atol=1e-4)
-    assert np.all(after["kl"].numpy()[:, 0] > 1e-2)
+    np.testing.assert_allclose(after.kl.numpy()[:, 1:], 0.0, atol=1e-4)
+    assert np.all(after.kl.numpy()[:, 0] > 1e-2)
     # Directly: the posterior's mean and stddev are the prior's.
     group = model.groups[1]
     s = tf.random.normal((2, 16, 16, 8), seed=1)
@@ -323,18 +325,18 @@ def test_top_prior_sigma_is_1_01(bernoulli_model):
 
 
 def test_decoder_sees_z_only(bernoulli_model):
-    """The decoder output depends on x only through z (spec 1.1): same z -> same logits."""
+    """Decoder output depends on x only via z (docs/design.md#forward-pass): same z, same logits."""
     model = bernoulli_model
     a = model(binary_images(2, seed=1), training=False, seed=[9, 9])
     b = model(binary_images(2, seed=2), training=False, seed=[9, 9])
-    assert not np.allclose(a["logits"], b["logits"])
+    assert not np.allclose(a.logits, b.logits)
     # Walking the prior with the same seed twice gives the same logits.
-    d1 = model.prior_decoder(2, seed=[4, 4]).mean()
-    d2 = model.prior_decoder(2, seed=[4, 4]).mean()
+    d1 = model.prior_output_distribution(2, seed=[4, 4]).mean()
+    d2 = model.prior_output_distribution(2, seed=[4, 4]).mean()
     np.testing.assert_array_equal(d1, d2)
 
 
-# ----------------------------------------------------------------------------- IW estimate (spec 6)
+# ---------------------------------------------------------- IW estimate (docs/design.md#evaluation)
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +388,7 @@ def test_iw_log_weights_are_the_model_terms(iw_model):
 
     def spy(inputs, training=None, seed=None):
         out = original(inputs, training=training, seed=seed)
-        seen.append((out["decoder"].log_prob(inputs) + out["log_p"] - out["log_q"]).numpy())
+        seen.append((out.output_distribution.log_prob(inputs) + out.log_p - out.log_q).numpy())
         return out
 
     iw_model.call = spy
@@ -484,9 +486,9 @@ def test_seeds_make_sampling_and_forward_reproducible(bernoulli_model, colour_mo
         f1 = model(x, training=False, seed=[5, 6])
         f2 = model(x, training=False, seed=[5, 6])
         f3 = model(x, training=False, seed=[5, 7])
-        np.testing.assert_array_equal(f1["kl"], f2["kl"])
-        np.testing.assert_array_equal(f1["logits"], f2["logits"])
-        assert not np.array_equal(f1["logits"], f3["logits"])
+        np.testing.assert_array_equal(f1.kl, f2.kl)
+        np.testing.assert_array_equal(f1.logits, f2.logits)
+        assert not np.array_equal(f1.logits, f3.logits)
         np.testing.assert_array_equal(
             model.reconstruct(x, seed=[1, 1]), model.reconstruct(x, seed=[1, 1])
         )

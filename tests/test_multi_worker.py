@@ -12,12 +12,10 @@ import socket
 import subprocess
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import numpy as np
 import pytest
-from conftest import ROOT, SMALL_SHRUNK
-from conftest import SMALL_CONFIG as SMALL
+from support import ROOT, SMALL_SHRUNK
+from support import SMALL_CONFIG as SMALL
 
 TINY = SMALL_SHRUNK + ["batch_size=8", "epochs=2"]
 STEPS = 4
@@ -95,7 +93,7 @@ def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(tmp_pa
         "2",
         "--checkpoint-every",
         "2",
-        "--verbose",
+        "--progress",
         "2",
     ]
     for item in TINY:

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import binary_images, tiny_config
+from support import binary_images, tiny_config
 
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.layers.recompute import recompute_cells, run_cells
@@ -18,7 +18,7 @@ SEED = [4, 2]
 
 def _loss(model, x):
     out = model(x, training=True, seed=SEED)
-    return tf.reduce_mean(-out["decoder"].log_prob(x) + tf.reduce_sum(out["kl"], axis=1))
+    return tf.reduce_mean(-out.output_distribution.log_prob(x) + tf.reduce_sum(out.kl, axis=1))
 
 
 def _grads(model, x):
@@ -66,7 +66,7 @@ def models():
 
 def test_recompute_is_off_outside_training(models):
     x = binary_images(2)
-    outs = {m: models[m](x, training=False, seed=SEED)["logits"].numpy() for m in MODES}
+    outs = {m: models[m](x, training=False, seed=SEED).logits.numpy() for m in MODES}
     for mode in MODES[1:]:
         np.testing.assert_array_equal(outs[mode], outs["none"])
 

@@ -1,11 +1,9 @@
-"""Tests for nvae_tf.training.regularizers: spectral regularizer (spec 5.4) and BN penalty (spec 5.5)."""
+"""training.regularizers: spectral regularizer and BN penalty (docs/design.md#objective)."""
 
 import os
 import subprocess
 import sys
 import textwrap
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
 import numpy as np

@@ -184,7 +184,7 @@ def test_failed_start_is_removed_unless_it_saved_a_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_truncated_image_is_named_where_it_is_decoded(fmt, tmp_path):
-    from conftest import colour_config
+    from support import colour_config
 
     ext = fmt.lower()
     rng = np.random.default_rng(0)
@@ -210,7 +210,7 @@ def test_truncated_image_is_named_where_it_is_decoded(fmt, tmp_path):
 
 
 def test_folder_iterator_is_checkpointed_despite_the_python_decoder(tmp_path):
-    from conftest import colour_config
+    from support import colour_config
 
     rng = np.random.default_rng(1)
     for split in ("train", "test"):

@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, colour_config, tiny_config
 from PIL import Image
+from support import ROOT, colour_config, tiny_config
 
 from nvae_tf.training import objective as objective_module
 from nvae_tf.training.loop import TrainingDiverged, train
@@ -33,8 +33,7 @@ def stuck_until_rollback(monkeypatch):
     def poisoned(self, model, outputs, x, step):
         terms = original(self, model, outputs, x, step)
         stuck = tf.logical_and(step >= STUCK_FROM, model.optimizer.learning_rate_scale > 0.75)
-        terms["loss"] = terms["loss"] + tf.where(stuck, float("nan"), 0.0)
-        return terms
+        return terms._replace(loss=terms.loss + tf.where(stuck, float("nan"), 0.0))
 
     monkeypatch.setattr(objective_module.Objective, "__call__", poisoned)
 
@@ -91,7 +90,7 @@ def test_truncated_image_stops_training_with_one_line_and_a_rerunnable_out(tmp_p
     colour_config(data_dir=str(data), batch_size=4, epochs=1).to_yaml(str(config))
     out = tmp_path / "run"
     command = [sys.executable, "-m", "trainers.train", "--config", str(config)]
-    command += ["--out", str(out), "--verbose", "0"]
+    command += ["--out", str(out), "--progress", "0"]
     done = subprocess.run(
         command,
         cwd=ROOT,

@@ -7,13 +7,11 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, SMALL_SHRUNK
-from conftest import SMALL_CONFIG as SMALL
+from support import ROOT, SMALL_SHRUNK
+from support import SMALL_CONFIG as SMALL
 
 # A tiny model; batch 300 makes an epoch 15 steps, so runs cross an epoch boundary (metric
 # reset, reshuffle, held-out evaluation) within a few steps.
@@ -38,7 +36,7 @@ def cli(out, *extra):
         SMALL,
         "--out",
         str(out),
-        "--verbose",
+        "--progress",
         "0",
     ]
     for item in TINY:

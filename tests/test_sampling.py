@@ -2,13 +2,11 @@
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_config
 from PIL import Image
+from support import tiny_config
 from tiny_runs import Run
 
 from nvae_tf.inference import bn_readjust, sampling
@@ -69,12 +67,12 @@ def test_sample_cli_grid_size_seed_and_library_agreement(run, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--temperature", "0"], "--temperature must be a number > 0"),
-        (["--temperature", "-1"], "--temperature must be a number > 0"),
-        (["--temperature", "inf"], "--temperature must be a number > 0"),
-        (["--decoder-temperature", "0"], "--decoder-temperature must be a number > 0"),
+        (["--temperature", "0"], "argument --temperature: must be a number > 0"),
+        (["--temperature", "-1"], "argument --temperature: must be a number > 0"),
+        (["--temperature", "inf"], "argument --temperature: must be a number > 0"),
+        (["--decoder-temperature", "0"], "argument --decoder-temperature: must be a number > 0"),
         (["--fix-top-scales", "3"], "--fix-top-scales takes 0..2"),
-        (["--num", "0"], "--num must be >= 1"),
+        (["--num", "0"], "argument --num: must be >= 1"),
         (["--reconstruct", "/nonexistent.png"], "cannot read image"),
     ],
 )
@@ -96,7 +94,9 @@ def test_grid_layout():
 
 
 def test_decoder_temperature_shrinks_the_pixel_spread(colour_model):
-    decoders = {t: colour_model.prior_decoder(4, 1.0, t, seed=1) for t in (1.0, 0.5, 0.1)}
+    decoders = {
+        t: colour_model.prior_output_distribution(4, 1.0, t, seed=1) for t in (1.0, 0.5, 0.1)
+    }
     spread = {
         t: float(tf.reduce_mean(tf.math.reduce_std(d.sample(64, seed=[2, 0]), axis=0)))
         for t, d in decoders.items()

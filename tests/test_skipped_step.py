@@ -9,7 +9,7 @@ as they were (before, BN statistics turned NaN and poisoned every later checkpoi
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import binary_images, tiny_config
+from support import binary_images, tiny_config
 
 from nvae_tf.model import NVAE
 from nvae_tf.training.schedules import kl_coefficient

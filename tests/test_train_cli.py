@@ -7,13 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ROOT, SMALL_SHRUNK
-from conftest import SMALL_CONFIG as SMALL
+from support import ROOT, SMALL_SHRUNK
+from support import SMALL_CONFIG as SMALL
 
 from nvae_tf.config import NVAEConfig
 
@@ -56,7 +54,7 @@ def test_cli_smoke_run_writes_the_run_directory(tmp_path):
             "2",
             "--checkpoint-every",
             "2",
-            "--verbose",
+            "--progress",
             "2",
         )
     )
@@ -155,7 +153,7 @@ def test_skip_guard_stops_a_run_whose_every_step_is_non_finite(tmp_path, capsys,
 
     def nan_loss(self, *args, **kwargs):
         terms = original(self, *args, **kwargs)
-        return {**terms, "loss": terms["loss"] * float("nan")}
+        return terms._replace(loss=terms.loss * float("nan"))
 
     monkeypatch.setattr(Objective, "__call__", nan_loss)
     out = tmp_path / "run"
@@ -168,7 +166,7 @@ def test_skip_guard_stops_a_run_whose_every_step_is_non_finite(tmp_path, capsys,
             "max_skipped_steps=3",
             "--checkpoint-every",
             "1",
-            "--verbose",
+            "--progress",
             "0",
         )
     )

@@ -9,8 +9,6 @@ import pathlib
 import subprocess
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import keras_tuner
 import pytest
 import yaml
@@ -395,7 +393,7 @@ def real_search(tmp_path_factory):
         "3",
         "--steps-per-trial",
         "3",
-        "--verbose",
+        "--progress",
         "0",
     ]
     code = tune_cli.main(args)
@@ -435,7 +433,7 @@ def test_best_config_trains_with_nvae_train(real_search):
             str(root / "best_run"),
             "--steps",
             "1",
-            "--verbose",
+            "--progress",
             "0",
         ]
     )
@@ -498,7 +496,7 @@ def test_search_under_mirrored_strategy_and_mixed_precision(tmp_path):
             "mirrored",
             "--precision",
             "mixed_bfloat16",
-            "--verbose",
+            "--progress",
             "2",
         ],
         cwd=REPO,

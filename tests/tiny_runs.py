@@ -3,7 +3,7 @@
 A run directory is what ``nvae-train`` writes: RUN/config.yaml and a tf.train.CheckpointManager
 folder RUN/checkpoints holding ``model`` and the built ``optimizer``. The models are untrained
 (fresh initialisation), which is all the agreement and plumbing checks need. Configs come
-from conftest's ``tiny_config`` / ``colour_config`` (a colour run needs a ``data_dir``, e.g.
+from support.py's ``tiny_config`` / ``colour_config`` (a colour run needs a ``data_dir``, e.g.
 from ``write_colour_folder``).
 """
 

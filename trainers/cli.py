@@ -2,22 +2,24 @@
 
 import argparse
 import functools
+import math
 import os
 import sys
 
+VERBOSE_FLAG = "--verbose"
 
-def quiet_tensorflow():
-    """Import TensorFlow without its C++ start-up chatter (oneDNN, CUDA and CPU-feature lines),
-    so that a one-line error is the only output of a failed command.
 
-    TensorFlow 2.21 logs these through absl before any log level applies, whatever
-    ``TF_CPP_MIN_LOG_LEVEL`` says, so file descriptor 2 is pointed at a temporary file while
-    TensorFlow loads and lists its devices (which does not initialize them: multi-worker set-up
-    stays possible); the captured text is replayed if the import itself fails.
+def quiet_tensorflow(verbose=False):
+    """Import TensorFlow without its C++ start-up chatter, unless ``verbose``.
+
+    ``TF_CPP_MIN_LOG_LEVEL`` covers TensorFlow's own log, but the lines that absl writes before
+    its logging is initialised (oneDNN, CUDA stubs, cuInit on a machine without a GPU) ignore
+    it: stderr is captured while TensorFlow loads and finds its devices (which does not
+    initialize them: multi-worker set-up stays possible), and replayed only if that fails.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" in sys.modules:
+    if verbose or "tensorflow" in sys.modules:
         return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from nvae_tf.tf_messages import captured_stderr_fd
 
     failure = None
@@ -42,7 +44,7 @@ def entry_point(main):
 
     @functools.wraps(main)
     def wrapper(argv=None):
-        quiet_tensorflow()
+        quiet_tensorflow(VERBOSE_FLAG in (sys.argv[1:] if argv is None else argv))
         from nvae_tf.config import ConfigError
         from nvae_tf.data import DataError
 
@@ -105,15 +107,38 @@ def load_config(args):
 
 
 def positive_int(text):
-    """argparse type: an integer >= 1."""
+    """argparse type: an integer >= 1 (the one check every count argument uses)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
+def positive_float(text):
+    """argparse type: a finite number > 0 (temperatures)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports bad arguments like any other user error: one line, exit status 2."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
 def parser(description):
-    return argparse.ArgumentParser(description=description)
+    """An argument parser with the flags every nvae-* command shares."""
+    p = _Parser(description=description)
+    p.add_argument(
+        VERBOSE_FLAG, action="store_true", help="show TensorFlow's own start-up and log messages"
+    )
+    return p

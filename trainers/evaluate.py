@@ -1,4 +1,4 @@
-"""``nvae-eval``: importance-weighted NLL and ELBO of a trained run (spec 6).
+"""``nvae-eval``: importance-weighted NLL and ELBO of a trained run (docs/design.md#evaluation).
 
     nvae-eval --checkpoint RUN [--num-iw-samples 1000] [--split test] [--batch-size N]
               [--num-images N] [--max-images-per-pass 256] [--seed S] [--json FILE]
@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from trainers.cli import UserError, check_writable_file, entry_point, parser
+from trainers.cli import check_writable_file, entry_point, parser, positive_int
 
 
 class Progress:
@@ -37,11 +37,6 @@ class Progress:
         )
 
 
-def _positive(name, value):
-    if value is not None and value < 1:
-        raise UserError(f"{name} must be >= 1, got {value}")
-
-
 def run(args):
     import tensorflow as tf
 
@@ -50,8 +45,6 @@ def run(args):
     from nvae_tf.run_dir import latest_checkpoint, load_run_config, restore_model
     from nvae_tf.training.distribute import make_strategy
 
-    for name in ("num_iw_samples", "batch_size", "num_images", "max_images_per_pass"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
     config = load_run_config(args.checkpoint)
     checkpoint = latest_checkpoint(args.checkpoint)
     # Several GPUs: split each batch over them; one process only (no multi-worker evaluation).
@@ -110,20 +103,20 @@ def main(argv=None):
     )
     p.add_argument(
         "--num-iw-samples",
-        type=int,
+        type=positive_int,
         default=1000,
         help="importance samples K per image (default 1000, as the paper)",
     )
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         help="images per batch and device (default: the training batch size)",
     )
-    p.add_argument("--num-images", type=int, help="evaluate only the first N images")
+    p.add_argument("--num-images", type=positive_int, help="evaluate only the first N images")
     p.add_argument(
         "--max-images-per-pass",
-        type=int,
+        type=positive_int,
         default=256,
         help="bound on images per forward pass (K is drawn in chunks)",
     )

@@ -9,7 +9,7 @@ without nvae_tf installed.
 
 import os
 
-from trainers.cli import UserError, check_writable_dir, entry_point, parser
+from trainers.cli import UserError, check_writable_dir, entry_point, parser, positive_int
 
 
 @entry_point
@@ -26,13 +26,11 @@ def main(argv=None):
     p.add_argument("--out", required=True, metavar="DIR", help="SavedModel folder to write")
     p.add_argument(
         "--max-images-per-pass",
-        type=int,
+        type=positive_int,
         default=256,
         help="bound on images per forward pass of log_likelihood (default 256)",
     )
     args = p.parse_args(argv)
-    if args.max_images_per_pass < 1:
-        raise UserError(f"--max-images-per-pass must be >= 1, got {args.max_images_per_pass}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file; choose a new --out folder")
     if os.path.exists(args.out) and os.listdir(args.out):

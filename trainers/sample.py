@@ -1,4 +1,4 @@
-"""``nvae-sample``: PNG grids of samples, reconstructions and fixed-top-scale samples (spec 7).
+"""``nvae-sample``: PNG grids of samples, reconstructions and fixed-top-scale samples (paper §4.2).
 
     nvae-sample --checkpoint RUN --num 64 --temperature 0.7 [--seed S] [--out DIR] [--npy]
                 [--decoder-temperature 1.0] [--mean] [--columns C]
@@ -17,7 +17,14 @@ import sys
 
 import numpy as np
 
-from trainers.cli import UserError, check_writable_dir, entry_point, parser
+from trainers.cli import (
+    UserError,
+    check_writable_dir,
+    entry_point,
+    parser,
+    positive_float,
+    positive_int,
+)
 
 
 def load_images(paths, config, seed):
@@ -72,14 +79,6 @@ def run(args):
     from nvae_tf.inference.image_grid import save_grid
     from nvae_tf.run_dir import latest_checkpoint, load_run_config, restore_model
 
-    for name in ("temperature", "decoder_temperature"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value > 0):
-            raise UserError(f"--{name.replace('_', '-')} must be a number > 0, got {value}")
-    for name in ("num", "columns", "bn_passes", "bn_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     config = load_run_config(args.checkpoint)
     for k in args.fix_top_scales:
         if not 0 <= k <= config.num_latent_scales:
@@ -162,16 +161,16 @@ def main(argv=None):
         metavar="RUN",
         help="run directory written by nvae-train (its latest checkpoint is used)",
     )
-    p.add_argument("--num", type=int, default=64, help="images per grid (default 64)")
+    p.add_argument("--num", type=positive_int, default=64, help="images per grid (default 64)")
     p.add_argument(
         "--temperature",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="latent temperature: scales every group's prior sigma (default 1)",
     )
     p.add_argument(
         "--decoder-temperature",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="colour decoder: scales the logistic noise (default 1)",
     )
@@ -181,7 +180,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--out", help="output folder (default RUN/samples)")
     p.add_argument("--npy", action="store_true", help="also save each grid's images as .npy")
-    p.add_argument("--columns", type=int, help="grid width (default ceil(sqrt(num)))")
+    p.add_argument("--columns", type=positive_int, help="grid width (default ceil(sqrt(num)))")
     p.add_argument(
         "--readjust-bn",
         action="store_true",
@@ -189,13 +188,13 @@ def main(argv=None):
     )
     p.add_argument(
         "--bn-passes",
-        type=int,
+        type=positive_int,
         default=DEFAULT_PASSES,
         help=f"BN re-adjustment sampling passes (default {DEFAULT_PASSES}, as the original)",
     )
     p.add_argument(
         "--bn-batch-size",
-        type=int,
+        type=positive_int,
         default=DEFAULT_BATCH_SIZE,
         help=f"samples per BN re-adjustment pass (default {DEFAULT_BATCH_SIZE})",
     )

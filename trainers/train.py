@@ -143,7 +143,7 @@ def build_parser():
         "intact checkpoint with half the learning rate, up to N times (default 0: stop)",
     )
     p.add_argument(
-        "--verbose",
+        "--progress",
         type=int,
         choices=(0, 1, 2),
         default=1,
@@ -200,7 +200,7 @@ def main(argv=None):
             steps=args.steps,
             resume=args.resume,
             strategy=make_strategy(strategy_name),
-            verbose=args.verbose,
+            verbose=args.progress,
             log_every=args.log_every,
             image_every=args.image_every,
             checkpoint_every=args.checkpoint_every,

@@ -75,7 +75,7 @@ def build_parser():
     )
     p.add_argument("--precision", choices=PRECISIONS, help="sets precision")
     p.add_argument(
-        "--verbose",
+        "--progress",
         type=int,
         choices=(0, 1, 2),
         default=1,
@@ -190,7 +190,7 @@ def main(argv=None):
 
     keras_tuner_config.DEBUG = False  # no traceback per failed trial: its reason is printed,
     # and the traceback stays in keras_tuner/trial_<id>/trial.json
-    hypermodel = NVAEHyperModel(config, params, _trial_trainer(strategy, args.verbose))
+    hypermodel = NVAEHyperModel(config, params, _trial_trainer(strategy, args.progress))
     try:
         tuner = make_tuner(
             args.tuner,

@@ -10,6 +10,7 @@ pass over a split still draws fresh flips and binarizations.
 
 import tensorflow as tf
 
+from nvae_tf.config import NVAEConfig
 from nvae_tf.data import bundled, folder, preprocess, tfds_sources, tfrecord
 from nvae_tf.data.errors import DataError
 from nvae_tf.data.source import AUTOTUNE, from_array
@@ -53,7 +54,7 @@ def _source(config, split, input_context, *, shuffle, seed):
     return folder.folder_source(config, split, input_context, hint=hint)
 
 
-def num_examples(config, split):
+def num_examples(config: NVAEConfig, split: str) -> int:
     """Images in the whole ``split`` (all workers), without reading a TFDS set; folders are scanned."""
     _check_split(split)
     if config.dataset == "bundled_mnist":
@@ -84,15 +85,15 @@ def _noise_seed(seed, split, input_context):
 
 
 def load_dataset(
-    config,
-    split,
+    config: NVAEConfig,
+    split: str,
     *,
-    global_batch_size=None,
-    shuffle=None,
-    repeat=None,
-    seed=None,
-    input_context=None,
-):
+    global_batch_size: int | None = None,
+    shuffle: bool | None = None,
+    repeat: bool | None = None,
+    seed: int | None = None,
+    input_context: tf.distribute.InputContext | None = None,
+) -> tf.data.Dataset:
     """Float32 NHWC batches in [0, 1] of ``split`` ("train" or "test") of ``config.dataset``.
 
     Defaults: train shuffles, repeats forever, flips (colour sets, ``random_flip``) and drops the

@@ -35,7 +35,7 @@ def random_flip(image, seed):
 
 
 def quantize(image, num_bits):
-    """uint8 image -> float32 in [0, 1] on the grid {0..2^bits-1}/(2^bits-1) (spec 3.6).
+    """uint8 image -> float32 in [0, 1] on the grid {0..2^bits-1}/(2^bits-1) (docs/design.md#data).
 
     ``floor(255 x / 2^(8-bits)) / (2^bits - 1)`` with ``x = u/255`` is ``(u >> (8-bits)) / (2^bits-1)``;
     the integer form avoids float rounding. 8 bits is plain ``u / 255``.

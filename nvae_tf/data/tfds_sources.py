@@ -4,8 +4,8 @@ Always read from a local TFDS data directory with ``download=False`` (without it
 ``tfds.load`` hangs for minutes); a missing dataset is one ``DataError`` line saying where the
 files were expected and how to prepare them. MNIST and CIFAR-10 are small enough to decode once
 into memory (full shuffles, index-sized checkpoints); CelebA and ImageNet stream encoded bytes and
-decode them in parallel. Splits follow the paper (spec 8.2): CelebA 64 evaluates on the official
-validation split, ImageNet 32 on its validation set.
+decode them in parallel. Splits follow the original (docs/design.md#data): CelebA 64 evaluates on
+the official validation split, ImageNet 32 on its validation set.
 """
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Output and latent distributions of NVAE (spec section 3)."""
+"""Output and latent distributions of NVAE (paper §3.2, App. A; docs/design.md#architecture)."""
 
 from nvae_tf.distributions.bernoulli import CroppedBernoulli
 from nvae_tf.distributions.latent_normal import (

@@ -1,7 +1,7 @@
-"""Bernoulli image likelihood for binarized MNIST/OMNIGLOT, scored on the central crop (spec 3.5).
+"""Bernoulli image likelihood for binarized MNIST/OMNIGLOT, scored on the central crop.
 
 The model works at 32x32 (28x28 digits padded by 2); only the central 28x28 Bernoulli
-log-probs count, so that bpd uses D = 784 (spec 3.6).
+log-probs count, so that bpd uses D = 784 (docs/design.md#output-distributions).
 """
 
 import tensorflow as tf
@@ -49,12 +49,6 @@ class CroppedBernoulli(tfd.Distribution):
         return tfd.Bernoulli(
             logits=self._logits, dtype=tf.float32, validate_args=self.validate_args
         )
-
-    def _batch_shape(self):
-        return self._logits.shape[:-3]
-
-    def _batch_shape_tensor(self):
-        return tf.shape(self._logits)[:-3]
 
     def _event_shape(self):
         return self._logits.shape[-3:]

@@ -1,4 +1,4 @@
-"""Soft-clamped diagonal Normal used for every NVAE latent group (spec 3.1, 3.2, 11.2-11.3).
+"""Soft-clamped diagonal Normal of every NVAE latent group (docs/design.md#latent-distributions).
 
 The network predicts raw `mu` and `log_sigma`; both are squashed with 5*tanh(x/5) and the
 scale gets a +0.01 floor. The result is a plain `tfp.distributions.Normal`, so its analytic
@@ -32,7 +32,7 @@ def latent_normal(mu, log_sigma, temperature=1.0):
 
 def residual_normal(prior_mu, prior_log_sigma, delta_mu, delta_log_sigma):
     """Residual posterior: the raw (pre-clamp) prior and encoder outputs are summed first,
-    then clamped, as in the original (spec 3.2, 11.3)."""
+    then clamped, as in the original (paper §3.2; docs/design.md#original-quirks-we-keep)."""
     mu = tf.cast(prior_mu, tf.float32) + tf.cast(delta_mu, tf.float32)
     log_sigma = tf.cast(prior_log_sigma, tf.float32) + tf.cast(delta_log_sigma, tf.float32)
     return latent_normal(mu, log_sigma)

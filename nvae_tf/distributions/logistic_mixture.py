@@ -1,4 +1,4 @@
-"""Discretized logistic mixture likelihood for RGB images (spec 3.4, 11.9, 11.11).
+"""Discretized logistic mixture likelihood for RGB images (paper App. A "Image Decoder").
 
 PixelCNN++-style decoder: per pixel, M logistic components share one set of mixture weights
 across R, G, B; the G and B locations depend linearly on the observed R (and G) values.
@@ -39,12 +39,13 @@ class DiscretizedLogisticMixture(tfd.Distribution):
     coefficient "colour" index 0, 1, 2 these are the R->G, R->B and G->B couplings.
     Values (images) live in [0, 1]; batch_shape is (B, H, W), event_shape (3,). `log_prob`
     evaluates the bin nearest to each value (inputs are on the 2^num_bits grid after
-    pre-processing, spec 3.6).
+    pre-processing, docs/design.md#data).
 
     `original_edge=True` uses the original's upper-edge threshold 0.99 (at 8 bits value 254 then
     also gets the upper-tail mass and the pmf no longer sums to 1); the default 0.999 gives a
     normalised likelihood. `original_temperature=True` divides the logistic noise scale by the
-    temperature in `sample()` as the original does; the default multiplies.
+    temperature in `sample()` as the original does; the default multiplies. Why: see
+    docs/design.md#dml-top-edge and docs/design.md#mixture-temperature.
     """
 
     def __init__(
@@ -106,12 +107,6 @@ class DiscretizedLogisticMixture(tfd.Distribution):
     @property
     def temperature(self):
         return self._temperature
-
-    def _batch_shape(self):
-        return self._params.shape[:-1]
-
-    def _batch_shape_tensor(self):
-        return tf.shape(self._params)[:-1]
 
     def _event_shape(self):
         return tf.TensorShape([3])

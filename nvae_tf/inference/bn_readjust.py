@@ -1,4 +1,4 @@
-"""Batch-norm re-adjustment for sampling (paper 4.2, spec 7), stored per temperature.
+"""Batch-norm re-adjustment for sampling (paper §4.2, docs/design.md#sampling), per temperature.
 
 Samples at a reduced temperature have other activation statistics than the training data, so
 the decoder's BN moving averages are re-estimated from prior samples: ``num_passes`` sampling
@@ -64,7 +64,7 @@ def readjust_batchnorm(
     @tf.function
     def one_pass(index):
         seed = tf.cast(tf.random.experimental.stateless_fold_in(base, index), tf.int64)
-        model.prior_decoder(batch_size, temperature, training=True, seed=seed)
+        model.prior_output_distribution(batch_size, temperature, training=True, seed=seed)
 
     for index in range(num_passes):
         one_pass(tf.constant(index))

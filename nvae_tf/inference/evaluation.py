@@ -1,5 +1,5 @@
-"""Dataset-level evaluation (spec 6): importance-weighted NLL and ELBO with standard errors,
-KL per latent group and the number of active latent channels.
+"""Dataset-level evaluation (docs/design.md#evaluation): importance-weighted NLL and ELBO with
+standard errors, KL per latent group and the number of active latent channels.
 
 Every batch runs one compiled step: K posterior samples per image in chunks
 (``nvae_tf.inference.likelihood``), plus one more posterior pass for the KL statistics. With a
@@ -12,8 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted, mean_and_standard_error
-
-ACTIVE_KL_THRESHOLD = 0.1  # nats per channel, summed over space (the original's kl_diag)
+from nvae_tf.model import ACTIVE_KL_THRESHOLD
 
 
 def evaluation_dataset(config, split, batch_size, seed, num_images=None):
@@ -92,8 +91,8 @@ def _make_step(model, strategy, num_samples, max_images_per_pass):
             out = model(x, training=False, seed=kl_seed)
             n = tf.cast(tf.shape(x)[0], tf.float32)
             # kl_per_channel is a batch mean (NaN for an empty replica batch): make it a sum.
-            kl_channel_sum = tf.where(n > 0, out["kl_per_channel"] * n, 0.0)
-            return log_likelihood, elbo, out["kl"], kl_channel_sum
+            kl_channel_sum = tf.where(n > 0, out.kl_per_channel * n, 0.0)
+            return log_likelihood, elbo, out.kl, kl_channel_sum
 
         return strategy.run(replica_step, args=(batch,))
 

@@ -1,4 +1,4 @@
-"""Importance-weighted log-likelihood and ELBO per image, in nats (spec 3.6, 6).
+"""Importance-weighted log-likelihood and ELBO per image, in nats (docs/design.md#evaluation).
 
 ``log p(x) ~= logsumexp_k(log p(x|z_k) + log p(z_k) - log q(z_k|x)) - log K`` over K posterior
 samples. The K samples are drawn in chunks (the batch tiled ``chunk`` times per forward pass) so
@@ -54,7 +54,9 @@ def iw_estimate(sample_fn, num_samples, samples_per_pass, seed):
     return log_likelihood, tf.reduce_sum(chunk_elbo.stack(), axis=0) / k
 
 
-def importance_weighted(model, x, num_samples, max_images_per_pass=256, seed=None):
+def importance_weighted(
+    model, x: tf.Tensor, num_samples: int, max_images_per_pass: int = 256, seed=None
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Returns ``(log_likelihood, elbo)``, each (B,) in nats, from ``num_samples`` samples.
 
     ``elbo`` is the average over the K samples of ``log p(x|z) - sum_l KL_l`` (the bound the
@@ -69,15 +71,14 @@ def importance_weighted(model, x, num_samples, max_images_per_pass=256, seed=Non
     def sample_fn(n, chunk_seed):
         tiled = tf.tile(x, [n, 1, 1, 1])
         out = model(tiled, training=False, seed=tf.cast(chunk_seed, tf.int64))
-        log_px = out["decoder"].log_prob(tiled)
-        log_w = tf.reshape(log_px + out["log_p"] - out["log_q"], [n, batch])
-        elbo = tf.reshape(log_px - tf.reduce_sum(out["kl"], axis=1), [n, batch])
+        log_w = tf.reshape(out.log_weight(tiled), [n, batch])
+        elbo = tf.reshape(-out.negative_elbo(tiled), [n, batch])
         return log_w, elbo
 
     return iw_estimate(sample_fn, num_samples, max_images_per_pass // tf.maximum(batch, 1), seed)
 
 
-def mean_and_standard_error(values):
+def mean_and_standard_error(values) -> tuple[float, float]:
     """Mean of per-image ``values`` and its standard error ``std / sqrt(N)`` (N-1 in the std)."""
     values = np.asarray(values, np.float64)
     if values.size < 2:
@@ -85,6 +86,6 @@ def mean_and_standard_error(values):
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(values.size))
 
 
-def bits_per_dim(nats, num_dims):
+def bits_per_dim(nats, num_dims: int):
     """Convert a per-image value in nats to bits per dimension: nats / (ln 2 * D)."""
     return nats / (math.log(2.0) * num_dims)

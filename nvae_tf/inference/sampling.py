@@ -1,9 +1,10 @@
-"""Pictures from a trained NVAE: prior samples, reconstructions, fixed-top-scale grids (spec 7).
+"""Pictures from a trained NVAE: prior samples, reconstructions, fixed-top-scale grids.
 
-Latent ``temperature`` scales every group's prior sigma, the top prior's 1.01 included (spec
-3.1). ``decoder_temperature`` scales the logistic noise of the colour decoder by T (the original
-divides by T, spec 3.4). Pixels are Bernoulli means for binary data and, for colour images,
-decoder samples or, with ``mean=True``, the mixture mean; as in the original's sampling code.
+Latent ``temperature`` scales every group's prior sigma, the top prior's 1.01 included (paper
+§4.2, docs/design.md#sampling). ``decoder_temperature`` scales the logistic noise of the colour
+decoder by T (the original divides by T: docs/design.md#mixture-temperature). Pixels are
+Bernoulli means for binary data and, for colour images, decoder samples or, with ``mean=True``,
+the mixture mean; as in the original's sampling code.
 """
 
 import numpy as np
@@ -34,7 +35,9 @@ def generate(model, num_samples, temperature=1.0, decoder_temperature=1.0, mean=
     """
     _check_temperatures(temperature, decoder_temperature)
     seed = model.stateless_seed(seed)
-    decoder = model.prior_decoder(num_samples, temperature, decoder_temperature, seed=seed)
+    decoder = model.prior_output_distribution(
+        num_samples, temperature, decoder_temperature, seed=seed
+    )
     return check_finite(decoder_images(decoder, mean, _fold(seed, -1)), "samples")
 
 
@@ -42,8 +45,8 @@ def reconstruct(model, images, decoder_temperature=1.0, mean=False, seed=None):
     """Decode one posterior sample of each image; equals ``model.reconstruct`` by default."""
     _check_temperatures(1.0, decoder_temperature)
     seed = model.stateless_seed(seed)
-    logits = model(images, training=False, seed=seed)["logits"]
-    decoder = model.decoder_distribution(logits, decoder_temperature)
+    logits = model(images, training=False, seed=seed).logits
+    decoder = model.output_distribution(logits, decoder_temperature)
     return check_finite(decoder_images(decoder, mean, _fold(seed, -1)), "reconstructions")
 
 
@@ -77,7 +80,7 @@ def fixed_top_grid(
 
     @tf.function
     def column(column_seed):
-        decoder = model.prior_decoder(
+        decoder = model.prior_output_distribution(
             num_rows,
             temperature,
             decoder_temperature,

@@ -9,7 +9,8 @@ Signatures (every input is a named tensor; outputs are dicts):
 * ``encode(images: float32)`` -> ``mean_<l>`` and ``scale_<l>`` for every latent group l (top
   group 0 first): posterior means and standard deviations, (B, h_l, w_l, C_z).
 * ``log_likelihood(images: float32, num_samples: int32)`` -> ``log_likelihood`` (B,) in nats
-  (importance weighted, spec 6) and ``bits_per_dim`` (B,), the NLL in bits per dimension.
+  (importance weighted, docs/design.md#evaluation) and ``bits_per_dim`` (B,), the NLL in bits
+  per dimension.
 
 ``reconstruct``, ``encode`` and ``log_likelihood`` draw their posterior samples from a fixed
 seed (``SERVING_SEED``), so the same batch always gets the same answer; ``sample`` takes the

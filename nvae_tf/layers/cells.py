@@ -1,8 +1,8 @@
-"""The residual cells of NVAE (spec 2.1-2.4): ``skip(x) + 0.1 * SE(branch(x))``.
+"""The residual cells of NVAE (paper §3.1, Fig. 3): ``skip(x) + 0.1 * SE(branch(x))``.
 
 ``EncoderCell`` (pre-process and encoder tower) has a BN-Swish-Conv3x3 branch applied twice;
 ``DecoderCell`` (decoder tower and post-process) is an inverted residual with a depthwise 5x5.
-Down cells double the channels, up cells halve them (spec 1.2).
+Down cells double the channels, up cells halve them. See docs/design.md#cells.
 """
 
 import keras
@@ -13,7 +13,7 @@ from nvae_tf.layers.skips import FactorizedReduce, UpSkip
 from nvae_tf.layers.squeeze_excitation import SqueezeExcitation
 from nvae_tf.layers.weight_norm import Conv2D
 
-RESIDUAL_SCALE = 0.1  # fixed, not learned (spec 2.1)
+RESIDUAL_SCALE = 0.1  # fixed, not learned (docs/design.md#cells)
 CHANNEL_MULT = 2
 
 
@@ -74,7 +74,8 @@ class DecoderCell(_ResidualCell):
     """Inverted residual: BN, 1x1 expand xE, BN-Swish, depthwise 5x5, BN-Swish, 1x1, BN, + SE.
 
     ``upsample`` first doubles H, W (nearest) and halves the channels; its expansion is
-    computed from the wider input (spec 2.4). The inner convs have no bias and no weight norm.
+    computed from the wider input (docs/design.md#cells). The inner convs have no bias and no
+    weight norm.
     """
 
     def __init__(self, expansion=6, upsample=False, use_se=True, **kwargs):

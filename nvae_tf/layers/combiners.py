@@ -1,4 +1,4 @@
-"""Where the two towers meet (spec 1.5, 1.6)."""
+"""Where the two towers meet (paper §2, Fig. 2; docs/design.md#latent-groups)."""
 
 import keras
 import tensorflow as tf

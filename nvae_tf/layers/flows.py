@@ -1,4 +1,4 @@
-"""Inverse autoregressive flows on the approximate posterior (spec 4, spec 11.1).
+"""Inverse autoregressive flows on the approximate posterior (paper §3.2; docs/design.md#flows).
 
 NVAE applies ``num_nf`` pairs of volume-preserving shift flows to every group's posterior
 sample: ``z <- z - mu(z)`` where ``mu`` is a masked (autoregressive) conv net, so ``mu`` at
@@ -6,7 +6,7 @@ position ``(h, w, c)`` sees only raster-earlier pixels and, at the same pixel, c
 ``< c``. The Jacobian is unit lower-triangular, the log-det is exactly 0. Each pair is one
 cell in raster order followed by one "mirrored" cell (spatial mask flipped in H and W, channel
 order kept). The masked convs are Keras 3 layers (TFP's ``AutoregressiveNetwork`` is a tf-keras
-object whose weights Keras 3 would not track); ``ShiftIAF`` hands them to TFP as a bijector.
+object whose weights Keras 3 would not track); ``shift_iaf`` hands them to TFP as a bijector.
 """
 
 import math
@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D
 
 tfb = tfp.bijectors
@@ -168,7 +169,8 @@ class AutoregressiveShift(keras.layers.Layer):
         s = tf.nn.elu(self.conv_in(tf.cast(z, self.compute_dtype)))
         s = tf.nn.elu(self.conv_dw(s))
         # The mu head applies ELU once more: a double ELU in a row, a known quirk of the
-        # original (issue #25) kept there, and here, so the architecture matches its checkpoints.
+        # original (NVlabs/NVAE issue #25) kept there, and here, so the architecture matches its
+        # checkpoints (docs/design.md#original-quirks-we-keep).
         return self.conv_mu(tf.nn.elu(s))
 
     def call(self, z):
@@ -193,62 +195,26 @@ def _on_4d(fn, x):
     return tf.reshape(y, shape)
 
 
-class ShiftIAF(tfb.Bijector):
-    """TFP bijector of one ``AutoregressiveShift`` cell: ``y = x - mu(x)``, event (H, W, C).
+def shift_iaf(cell: "AutoregressiveShift", name: str = "shift_iaf") -> tfb.Bijector:
+    """One IAF cell ``z -> z - mu(z)`` as a TFP bijector (event (H, W, C), log-det 0).
 
-    Volume preserving: the Jacobian is unit triangular, so the log-det is the constant 0.
-    The inverse solves ``x = y + mu(x)`` by fixpoint iteration from ``x = y``: each pass fixes
-    at least the next element in the autoregressive order, so at most H*W*C passes are needed
-    (it stops early once an iterate repeats exactly). Cheap for sampling-size checks, too slow
-    for training; NVAE never inverts its posterior flows.
-
-    Like every TFP bijector it caches results per input tensor while the output is alive, so
-    after changing the cell's weights evaluate it on fresh tensors.
+    TFP's shift-only ``MaskedAutoregressiveFlow`` maps ``y -> y - mu(y)`` in its (fast)
+    inverse, so the cell is that flow inverted; its forward, the cell's inverse, is solved
+    autoregressively by TFP (H*W*C passes: cheap for checks, NVAE never inverts its flows).
     """
+    if not cell.built:  # its variables cannot be created inside TFP's inversion loop
+        cell.build((None, None, None, cell.channels))
 
-    def __init__(self, cell, validate_args=False, name="shift_iaf"):
-        parameters = dict(locals())
-        self._cell = cell
-        super().__init__(
-            forward_min_event_ndims=3,
-            is_constant_jacobian=True,
-            validate_args=validate_args,
-            parameters=parameters,
-            name=name,
-        )
+    def shift(y):
+        return tf.cast(_on_4d(cell.shift, y), y.dtype), None
 
-    @property
-    def cell(self):
-        return self._cell
-
-    def _forward(self, x):
-        return _on_4d(self._cell, x)
-
-    def _inverse(self, y):
-        if not self._cell.built:  # its variables cannot be created inside the while loop
-            _on_4d(self._cell, y)
-        n = tf.reduce_prod(tf.shape(y)[-3:])
-
-        def body(i, x, _):
-            x_next = y + tf.cast(_on_4d(self._cell.shift, x), y.dtype)
-            return i + 1, x_next, tf.reduce_all(tf.equal(x_next, x))
-
-        _, x, _ = tf.while_loop(
-            lambda i, x, done: tf.logical_and(i < n, tf.logical_not(done)),
-            body,
-            (tf.constant(0), y, tf.constant(False)),
-        )
-        return x
-
-    def _forward_log_det_jacobian(self, x):
-        return tf.zeros([], dtype=x.dtype)
-
-    def _inverse_log_det_jacobian(self, y):
-        return tf.zeros([], dtype=y.dtype)
+    return tfb.Invert(
+        tfb.MaskedAutoregressiveFlow(shift_and_log_scale_fn=shift, event_ndims=3), name=name
+    )
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
-class PosteriorFlow(keras.layers.Layer):
+class PosteriorFlow(CheckpointListsMixin, keras.layers.Layer):
     """The ``num_pairs`` IAF pairs of one latent group (the original's ``num_nf`` pairs).
 
     Cells alternate normal / mirrored raster order. ``call(z)`` returns ``(z_out, log_det)``
@@ -267,21 +233,11 @@ class PosteriorFlow(keras.layers.Layer):
         self.num_pairs = int(num_pairs)
         self.channels = int(channels)
         self.expansion = int(expansion)
-        # One attribute per cell, not a list: Keras 3 wraps lists in a TrackedList that
-        # tf.train.Checkpoint does not follow, so list-held cells would be left out of checkpoints.
-        for i in range(2 * self.num_pairs):
-            setattr(
-                self,
-                f"cell_{i}",
-                AutoregressiveShift(
-                    self.channels, self.expansion, mirror=bool(i % 2), name=f"cell_{i}"
-                ),
-            )
-
-    @property
-    def cells(self):
-        """The cells in application order: normal, mirrored, normal, ..."""
-        return [getattr(self, f"cell_{i}") for i in range(2 * self.num_pairs)]
+        # The cells in application order: normal, mirrored, normal, ...
+        self.cells = [
+            AutoregressiveShift(self.channels, self.expansion, mirror=bool(i % 2), name=f"cell_{i}")
+            for i in range(2 * self.num_pairs)
+        ]
 
     def build(self, input_shape):
         for cell in self.cells:
@@ -293,10 +249,10 @@ class PosteriorFlow(keras.layers.Layer):
         return z, tf.zeros(tf.shape(z)[:1], tf.float32)
 
     def bijector(self):
-        """The flow as a ``tfb.Chain`` of ``ShiftIAF`` (Chain applies its list last-first)."""
+        """The flow as a ``tfb.Chain`` of ``shift_iaf`` cells (Chain applies its list last-first)."""
         return tfb.Chain(
             [
-                ShiftIAF(cell, name=f"shift_iaf_{i}")
+                shift_iaf(cell, name=f"shift_iaf_{i}")
                 for i, cell in reversed(list(enumerate(self.cells)))
             ],
             name="posterior_flow",

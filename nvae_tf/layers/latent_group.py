@@ -3,8 +3,10 @@
 Group 0 is the top (lowest-resolution) group: its prior is the fixed Normal(0, 1.01) and its
 posterior comes from ``enc0`` on the final bottom-up feature. Every later group predicts its
 prior from the top-down state and forms its posterior residually from the bottom-up feature
-mixed in by the encoder combiner (spec 1.1, 1.5, 1.6, 3.2, 3.3).
+mixed in by the encoder combiner (paper §2, §3.2; docs/design.md#latent-groups).
 """
+
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -15,6 +17,17 @@ from nvae_tf.layers.combiners import DecoderCombiner, EncoderCombiner
 from nvae_tf.layers.flows import PosteriorFlow
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D
+
+
+class GroupOutput(NamedTuple):
+    """One group's part of a posterior pass: per-image sums (B,) unless noted."""
+
+    kl: tf.Tensor  # KL(q || p) (analytic, or log q - log p at the sample with flows)
+    log_q: tf.Tensor
+    log_p: tf.Tensor
+    kl_per_channel: tf.Tensor  # (C_z,) batch mean
+    posterior_mean: tf.Tensor  # (B, h, w, C_z)
+    posterior_stddev: tf.Tensor
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
@@ -95,7 +108,7 @@ class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
         return q, latent_normal(*prior_params)
 
     def call(self, s, encoder_feature, seed, training=None):
-        """Posterior pass; returns the new decoder state and this group's statistics.
+        """Posterior pass; returns the new top-down state and this group's ``GroupOutput``.
 
         ``seed`` is a stateless seed (shape (2,) int32) for the posterior sample.
         """
@@ -104,29 +117,29 @@ class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
         log_q = q.log_prob(z)
         log_det = None
         if self.flow is not None:
-            # Flows are volume preserving (log-det 0) but subtracted for generality (spec 4).
-            # The flow returns a per-sample (B,) log-det, and its output in the layer's compute
-            # dtype: the distributions work in float32.
+            # Flows are volume preserving (log-det 0, docs/design.md#flows) but subtracted for
+            # generality. The flow returns a per-sample (B,) log-det, and its output in the
+            # layer's compute dtype: the distributions work in float32.
             z, log_det = self.flow(z)
             z = tf.cast(z, tf.float32)
             log_det = tf.cast(log_det, tf.float32)
         log_p = prior.log_prob(z)
-        # With flows the KL is the single-sample estimate; without, analytic (spec 3.3).
+        # KL: one-sample estimate with flows, else analytic (docs/design.md#latent-distributions).
         kl = log_q - log_p if self.flow is not None else q.kl_divergence(prior)
         log_q_sum = tf.reduce_sum(log_q, axis=[1, 2, 3])
         kl_sum = tf.reduce_sum(kl, axis=[1, 2, 3])
         if log_det is not None:
             log_q_sum -= log_det
             kl_sum -= log_det
-        stats = {
-            "kl": kl_sum,
-            "log_q": log_q_sum,
-            "log_p": tf.reduce_sum(log_p, axis=[1, 2, 3]),
-            "kl_per_channel": tf.reduce_mean(tf.reduce_sum(kl, axis=[1, 2]), axis=0),
-            "posterior_mean": q.mean(),
-            "posterior_stddev": q.stddev(),
-        }
-        return self.decoder_combiner(s, z), stats
+        group_output = GroupOutput(
+            kl=kl_sum,
+            log_q=log_q_sum,
+            log_p=tf.reduce_sum(log_p, axis=[1, 2, 3]),
+            kl_per_channel=tf.reduce_mean(tf.reduce_sum(kl, axis=[1, 2]), axis=0),
+            posterior_mean=q.mean(),
+            posterior_stddev=q.stddev(),
+        )
+        return self.decoder_combiner(s, z), group_output
 
     def sample(self, s, seed, temperature=1.0):
         """Generation pass: draw z from the prior at ``temperature`` (stateless ``seed``)."""

@@ -1,9 +1,10 @@
-"""Batch normalization as NVAE uses it (spec 2.8) and the fused-in-spirit BN + Swish.
+"""Batch normalization as NVAE uses it (paper §3.1.1) and the fused-in-spirit BN + Swish.
 
 Momentum 0.95 / epsilon 1e-5 (PyTorch momentum 0.05, eps 1e-5), statistics synchronized across
-replicas. ``update_stats=False`` normalizes with batch statistics without touching the moving
-averages: the recompute pass of ``nvae_tf.layers.recompute`` needs it, since a second update per step
-would change the statistics (``tf.recompute_grad`` has no such switch).
+replicas (docs/design.md#batch-normalization). ``update_stats=False`` normalizes with batch
+statistics without touching the moving averages: the recompute pass of
+``nvae_tf.layers.recompute`` needs it, since a second update per step would change the
+statistics (``tf.recompute_grad`` has no such switch).
 """
 
 import keras

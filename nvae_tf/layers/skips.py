@@ -1,4 +1,4 @@
-"""Skip connections of the resolution-changing cells (spec 2.5)."""
+"""Skip connections of the resolution-changing cells (docs/design.md#cells)."""
 
 import keras
 import tensorflow as tf

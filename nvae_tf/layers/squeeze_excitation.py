@@ -1,4 +1,4 @@
-"""Squeeze-and-excitation gate applied at the end of every residual branch (spec 2.6)."""
+"""Squeeze-and-excitation gate applied at the end of every residual branch (paper §3.1.1)."""
 
 import keras
 from keras import ops

@@ -1,10 +1,10 @@
-"""Weight-normalized 2-D convolution (spec 2.7), the conv used throughout NVAE.
+"""Weight-normalized 2-D convolution (paper App. A), the conv used throughout NVAE.
 
 Keras 3 has no weight-norm layer, so this is our own: the effective kernel is
 ``exp(log_g) * v / (||v|| + 1e-5)`` per output channel, with ``log_g`` initialised to
 ``log(||v_init|| + 0.01)`` so that the layer starts at PyTorch's default init. The same
 layer with ``weight_norm=False`` is the plain conv used inside the decoder cells; both expose
-``kernel_matrix()`` for the spectral regularizer.
+``kernel_matrix()`` for the spectral regularizer. See docs/design.md#weight-normalization.
 """
 
 import math
@@ -32,10 +32,10 @@ class Conv2D(keras.layers.Layer):
       kernel_size: odd square kernel size.
       strides: 1 or 2.
       use_bias: add a bias.
-      weight_norm: weight-normalize the kernel (spec 2.7); False gives a plain conv.
+      weight_norm: weight-normalize the kernel (paper App. A); False gives a plain conv.
       depthwise: depthwise conv (``groups == channels``); then ``filters`` must equal the input
         channels.
-      log_g_offset: added to the initial log-norm; the flows use ``-log(10)`` (spec 4).
+      log_g_offset: added to the initial log-norm; flows use ``-log(10)`` (docs/design.md#flows).
     """
 
     def __init__(

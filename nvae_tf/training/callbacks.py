@@ -10,19 +10,21 @@ Checkpoints: ``nvae_tf.training.checkpointing.CheckpointSaver``.
 
 import csv
 import os
+import sys
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from nvae_tf.files import write_atomically
 from nvae_tf.inference.image_grid import grid
+from nvae_tf.model import ACTIVE_KL_THRESHOLD
 from nvae_tf.training.checkpointing import global_step
 from nvae_tf.training.guarded_optimizer import schedule_step
 from nvae_tf.training.schedules import kl_coefficient, regularizer_weight
 
-ACTIVE_UNIT_KL = 0.1  # a latent channel is "active" when its KL exceeds this (nats, spec 3.3)
-SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # the original's sample grids (spec 5.10)
+SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # as the original's grids, docs/design.md#training-loop
 PROBE_SEED = (2020, 1)  # fixed noise for logging passes: they never touch the model's generator
 TRAIN_COLUMNS = (
     "loss",
@@ -128,12 +130,12 @@ class TrainingDiagnostics(keras.callbacks.Callback):
             @tf.function
             def probe(x):
                 out = model(x, training=False, seed=PROBE_SEED)
-                return tf.reduce_mean(out["kl"], axis=0), out["kl_per_channel"]
+                return tf.reduce_mean(out.kl, axis=0), out.kl_per_channel
 
             self._probe = probe
         self._logged_step = step
         kl, kl_per_channel = (t.numpy() for t in self._probe(self.probe_images))
-        active = (kl_per_channel > ACTIVE_UNIT_KL).sum(axis=1)
+        active = (kl_per_channel > ACTIVE_KL_THRESHOLD).sum(axis=1)
         values = {"step": step, "epoch": self._epoch, "active_units": int(active.sum())}
         for g in range(len(kl)):
             values[f"kl_group_{g}"] = float(kl[g])
@@ -223,10 +225,7 @@ class CSVMetrics(_RowWriter):
         for row in rows[1:]:
             if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= step:
                 keep.append(row)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: csv.writer(f).writerows(keep))
 
 
 def _csv_value(value):
@@ -333,7 +332,8 @@ class ProgressBar(keras.callbacks.Callback):
 
     def __init__(self, verbose=1):
         super().__init__()
-        self.verbose = verbose
+        # Keras' live bar writes terminal control and colour codes: lines only into files.
+        self.verbose = 2 if verbose == 1 and not sys.stdout.isatty() else verbose
         self._bar = None
         self._seen = 0
 

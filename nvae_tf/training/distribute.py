@@ -3,7 +3,7 @@
 Strategies (``nvae-train --strategy``):
   ``one_device``    the first GPU, else the CPU.
   ``mirrored``      all local GPUs, synchronous data parallelism in one process (the original's
-                    one-process-per-GPU setup, spec 8.1).
+                    one-process-per-GPU setup, docs/design.md#distributed-training).
   ``multi_worker``  ``MultiWorkerMirroredStrategy`` over the cluster in ``TF_CONFIG`` (or built
                     by ``set_cluster`` from ``--workers``/``--task-index``); every worker runs
                     the same command and uses all its local GPUs.

@@ -20,7 +20,7 @@ import tensorflow as tf
 from nvae_tf.training.optimizer import NVAEAdamax
 from nvae_tf.training.schedules import NVAELearningRate
 
-INITIAL_LOSS_SCALE = 2.0**10  # the original's GradScaler(init_scale=2**10) (spec 5.9)
+INITIAL_LOSS_SCALE = 2.0**10  # as the original (docs/design.md#mixed-precision-and-memory)
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
@@ -99,21 +99,14 @@ def schedule_step(optimizer):
     return optimizer.iterations
 
 
-def moving_averages(optimizer):
-    """The EMA weights a ``GuardedOptimizer`` keeps, in trainable-variable order (``use_ema``)."""
-    return optimizer.inner_optimizer._model_variables_moving_average
-
-
 @contextlib.contextmanager
 def ema_weights(model):
     """Temporarily swap in the EMA of the weights when the run keeps one."""
     if not model.config.ema_decay:
         yield
         return
-    averages = moving_averages(model.optimizer)
     backup = [v.numpy() for v in model.trainable_variables]
-    for variable, average in zip(model.trainable_variables, averages):
-        variable.assign(average)
+    model.optimizer.finalize_variable_values(model.trainable_variables)
     try:
         yield
     finally:
@@ -122,7 +115,7 @@ def ema_weights(model):
 
 
 def make_optimizer(config, steps_per_epoch):
-    """NVAE's Adamax with warm-up + cosine learning rate (spec 5.7, 5.8), guarded."""
+    """NVAE's Adamax with warm-up + cosine learning rate (docs/design.md#optimizer), guarded."""
     schedule = NVAELearningRate(
         config.learning_rate,
         config.learning_rate_min,

@@ -26,8 +26,7 @@ class HeldOutScore:
         @tf.function(reduce_retracing=True)
         def score(x, seed):
             out = model(x, training=False, seed=seed)
-            nelbo = -out["decoder"].log_prob(x) + tf.reduce_sum(out["kl"], axis=1)
-            return tf.reduce_sum(tf.cast(nelbo, tf.float64))
+            return tf.reduce_sum(tf.cast(out.negative_elbo(x), tf.float64))
 
         self._score = score
 

@@ -1,4 +1,4 @@
-"""KL balancing (spec 5.3): reweight per-group KLs during the KL warm-up.
+"""KL balancing (docs/design.md#kl-balancing): reweight per-group KLs during the KL warm-up.
 
 While ``beta < 1`` each group's KL gets a stop-gradient coefficient proportional to its
 batch-average KL divided by its size factor ``alpha`` (so that no group is switched off early:
@@ -8,26 +8,14 @@ posterior-collapse prevention); afterwards the KL is the plain sum over groups.
 import numpy as np
 import tensorflow as tf
 
-# Spec 5.3 [derived] values, top (lowest-resolution) scale first, for checks.
-SPEC_GROUPS_PER_SCALE = {
-    "mnist": (5, 10),
-    "celeba64": (5, 10, 20),
-    "celeba_hq256": (4, 4, 4, 8, 16),
-}
-SPEC_ALPHA_PER_SCALE = {
-    "mnist": (1.0, 2.0),
-    "celeba64": (1.0, 2.0, 4.0),
-    "celeba_hq256": (1.0, 4.0, 16.0, 32.0, 64.0),
-}
-
 
 def balance_coefficients(groups_per_scale):
     """Alpha per latent group, ``(2**i)**2 / G_i`` for scale ``i`` divided by its minimum.
 
     ``groups_per_scale`` lists the group counts with the TOP (lowest-resolution, i = 0) scale
-    first, i.e. in decoder order (the reverse of the original ``utils.groups_per_scale``); the
-    result is a float32 numpy array of length ``sum(groups_per_scale)`` in the same order as the
-    KL columns.
+    first, i.e. in decoder order (the reverse of the original's ``groups_per_scale``, see
+    docs/design.md#layout-rules); the result is a float32 numpy array of length
+    ``sum(groups_per_scale)`` in the same order as the KL columns.
     """
     alpha = np.concatenate([np.full(g, (2.0**i) ** 2 / g) for i, g in enumerate(groups_per_scale)])
     return (alpha / alpha.min()).astype(np.float32)

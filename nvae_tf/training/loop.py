@@ -33,12 +33,12 @@ from nvae_tf.training.run_inputs import RunInputs
 from nvae_tf.training.signals import StopOnSignal, TrainingInterrupted
 from nvae_tf.training.watchdog import HANG_FACTOR, HANG_MIN_SECONDS
 
-LOG_EVERY = 100  # the original logs every 100 steps (spec 5.10)
+LOG_EVERY = 100  # the original logs every 100 steps (docs/design.md#training-loop)
 IMAGE_EVERY = 1000  # ... and writes a reconstruction grid every 1000
 CHECKPOINT_EVERY = 1000
 CHECKPOINT_MINUTES = 5.0  # ... and at least this often, so a kill costs minutes of work
 KEEP_CHECKPOINTS = 3
-TRAIN_RESULTS = ("loss", "nelbo", "bpd", "recon", "kl", "grad_norm", "spectral", "bn_penalty")
+SCHEDULE_VALUES = ("beta", "reg_weight")  # reported by train_step but not results
 METRICS_FILE, TENSORBOARD_DIR = RUN_LOGS
 
 __all__ = ["TrainingDiverged", "TrainingInterrupted", "train"]
@@ -274,6 +274,7 @@ class _Run(RunInputs):
         import keras
         import tensorflow as tf
 
+        from nvae_tf.model import TRAIN_METRICS
         from nvae_tf.run_dir import checkpoint_dir, remove_partial_saves
         from nvae_tf.training.callbacks import CSVMetrics
         from nvae_tf.training.rollback import Rollback
@@ -346,7 +347,11 @@ class _Run(RunInputs):
             result = {
                 "step": step,
                 "skipped_steps": int(model.optimizer.skipped_steps.numpy()),
-                **{f"train_{k}": float(v) for k, v in logs.items() if k in TRAIN_RESULTS},
+                **{
+                    f"train_{k}": float(v)
+                    for k, v in logs.items()
+                    if k in TRAIN_METRICS and k not in SCHEDULE_VALUES
+                },
                 **{f"test_{k}": v for k, v in test.items()},
             }
             if verbose:

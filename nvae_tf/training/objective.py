@@ -1,14 +1,30 @@
-"""NVAE's training objective (spec 5.1): per-image sums, KL warm-up and balancing, SR + BN.
+"""NVAE's training objective: per-image sums, KL warm-up and balancing, SR + BN.
 
 ``loss = mean_b(recon_b + balanced_KL_b) + lambda * (spectral_sum + bn_max_gamma_sum)``, with
-``beta`` the KL warm-up coefficient and ``lambda`` fixed or annealed with ``beta``.
+``beta`` the KL warm-up coefficient and ``lambda`` fixed or annealed with ``beta``; see
+docs/design.md#objective.
 """
+
+from typing import NamedTuple
 
 import tensorflow as tf
 
 from nvae_tf.training.kl_balancing import balance_coefficients, balanced_kl
 from nvae_tf.training.regularizers import batchnorm_penalty
 from nvae_tf.training.schedules import kl_coefficient, regularizer_weight
+
+
+class LossTerms(NamedTuple):
+    """The scalars of one training step (batch means of per-image values, in nats)."""
+
+    loss: tf.Tensor  # what is minimised: balanced, beta-weighted KL and the regularizers
+    nelbo: tf.Tensor  # the unweighted negative ELBO
+    recon: tf.Tensor
+    kl: tf.Tensor
+    beta: tf.Tensor
+    reg_weight: tf.Tensor  # lambda
+    spectral: tf.Tensor
+    bn_penalty: tf.Tensor
 
 
 class Objective:
@@ -26,8 +42,8 @@ class Objective:
 
     def __call__(self, model, outputs, x, step):
         c = self.config
-        recon = -outputs["decoder"].log_prob(x)
-        kl = outputs["kl"]
+        recon = outputs.reconstruction(x)
+        kl = outputs.kl
         beta = kl_coefficient(
             step, self.total_steps, c.kl_anneal_portion, c.kl_const_portion, c.kl_const_coeff
         )
@@ -41,13 +57,13 @@ class Objective:
         loss = tf.reduce_mean(recon + balanced_kl(kl, beta, self.alpha)) + reg_weight * (
             spectral + bn
         )
-        return {
-            "loss": loss,
-            "nelbo": tf.reduce_mean(recon + tf.reduce_sum(kl, axis=1)),
-            "recon": tf.reduce_mean(recon),
-            "kl": tf.reduce_mean(tf.reduce_sum(kl, axis=1)),
-            "beta": tf.cast(beta, tf.float32),
-            "reg_weight": tf.cast(reg_weight, tf.float32),
-            "spectral": spectral,
-            "bn_penalty": bn,
-        }
+        return LossTerms(
+            loss=loss,
+            nelbo=tf.reduce_mean(outputs.negative_elbo(x)),  # shares recon's log_prob in graphs
+            recon=tf.reduce_mean(recon),
+            kl=tf.reduce_mean(tf.reduce_sum(kl, axis=1)),
+            beta=tf.cast(beta, tf.float32),
+            reg_weight=tf.cast(reg_weight, tf.float32),
+            spectral=spectral,
+            bn_penalty=bn,
+        )

@@ -1,4 +1,4 @@
-"""Adamax as NVAE's ``thirdparty/adamax.py`` computes it (spec 5.7).
+"""Adamax as the original's ``thirdparty/adamax.py`` computes it (docs/design.md#optimizer).
 
 Keras' ``Adamax`` differs in two ways that matter for matching the original's dynamics: it
 divides by ``u + eps`` (NVAE puts eps inside the max, ``u = max(b2*u, |g| + eps)``, with a large
@@ -32,7 +32,7 @@ class NVAEAdamax(keras.optimizers.Optimizer):
     i.e. float32 under the ``mixed_float16`` policy, where Keras keeps variables in float32.
 
     Args:
-      learning_rate: float or ``LearningRateSchedule`` (spec default 1e-2).
+      learning_rate: float or ``LearningRateSchedule`` (the original's default 1e-2).
       beta_1: first-moment decay.
       beta_2: infinity-norm decay.
       epsilon: added to ``|g|`` inside the max (PyTorch semantics, NVAE uses 1e-3).

@@ -1,9 +1,10 @@
-"""NVAE's weight regularizers: spectral regularization (spec 5.4) and BN scale (spec 5.5).
+"""NVAE's weight regularizers: spectral regularization (paper §3.2) and BN scale (paper §3.1.1).
 
 ``SpectralRegularizer`` estimates the largest singular value of every conv kernel matrix by
 power iteration and returns their sum; its left/right vectors are non-trainable variables of a
 Keras layer so that they are tracked by the model and saved in checkpoints (the original kept
-them outside its state dict; restoring them only spares the 40-iteration warm start).
+them outside its state dict; restoring them only spares the 40-iteration warm start; see
+docs/design.md#spectral-regularization).
 
 Distribution: ``u``, ``v`` and the ``initialized`` flag are ``ON_READ`` variables with
 ``ONLY_FIRST_REPLICA`` aggregation. Each replica updates its own copy with plain ``assign``
@@ -14,7 +15,9 @@ and a read in cross-replica context (checkpointing) takes replica 0's value.
 import keras
 import tensorflow as tf
 
-_NORMALIZE_EPS = 1e-3  # F.normalize(eps=1e-3) in the original
+from nvae_tf.layers.tracking import CheckpointListsMixin
+
+_NORMALIZE_EPS = 1e-3  # the original's normalization floor (docs/design.md#spectral-regularization)
 
 
 def _normalize(x):
@@ -29,7 +32,7 @@ class _Refs:
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
-class SpectralRegularizer(keras.layers.Layer):
+class SpectralRegularizer(CheckpointListsMixin, keras.layers.Layer):
     """``SR = sum over conv layers of sigma_max(W)``, by batched power iteration.
 
     Construct empty, then ``build_for(conv_layers)`` once the layers are built. Every call runs
@@ -48,7 +51,7 @@ class SpectralRegularizer(keras.layers.Layer):
         self.num_power_iter = int(num_power_iter)
         self._convs = _Refs(())
         self._groups = ()
-        self._group_names = ()
+        self.u_vars, self.v_vars = [], []
 
     def build(self, input_shape=None):
         raise ValueError("SpectralRegularizer is built with build_for(conv_layers)")
@@ -73,25 +76,19 @@ class SpectralRegularizer(keras.layers.Layer):
             groups.setdefault((rows, cols), []).append(i)
         self._convs = _Refs(conv_layers)
         self._groups = tuple(tuple(idx) for idx in groups.values())
-        # Attributes named by shape, not lists: Keras 3 wraps lists in a TrackedList that
-        # tf.train.Checkpoint does not follow.
-        self._group_names = tuple(f"{rows}x{cols}" for rows, cols in groups)
         with keras.name_scope(self.name, caller=self):
-            for name, ((rows, cols), idx) in zip(self._group_names, groups.items()):
-                setattr(self, f"u_{name}", self._state(f"u_{name}", (len(idx), rows)))
-                setattr(self, f"v_{name}", self._state(f"v_{name}", (len(idx), cols)))
+            # Left / right singular vector estimates, one (layers, rows) / (layers, cols)
+            # variable per shape group.
+            self.u_vars = [
+                self._state(f"u_{rows}x{cols}", (len(idx), rows))
+                for (rows, cols), idx in groups.items()
+            ]
+            self.v_vars = [
+                self._state(f"v_{rows}x{cols}", (len(idx), cols))
+                for (rows, cols), idx in groups.items()
+            ]
             self.initialized = self._state("initialized", (), "zeros", dtype="bool")
         self.built = True
-
-    @property
-    def u_vars(self):
-        """Left singular vector estimates, one (layers, rows) variable per shape group."""
-        return [getattr(self, f"u_{name}") for name in self._group_names]
-
-    @property
-    def v_vars(self):
-        """Right singular vector estimates, one (layers, cols) variable per shape group."""
-        return [getattr(self, f"v_{name}") for name in self._group_names]
 
     @staticmethod
     def _state(name, shape, initializer="random_normal", dtype="float32"):

@@ -1,4 +1,7 @@
-"""Step-dependent training coefficients: learning rate (5.8), KL warm-up (5.2), lambda (5.6).
+"""Step-dependent training coefficients: learning rate, KL warm-up beta, lambda.
+
+See docs/design.md#learning-rate, docs/design.md#kl-warm-up and
+docs/design.md#regularizer-weight.
 
 All take the global step (the per-replica iteration count, 0-based, as the original's
 ``global_step``) and are written with TF ops so they work on a step variable inside
@@ -27,8 +30,8 @@ class NVAELearningRate(keras.optimizers.schedules.LearningRateSchedule):
     past the end stay at ``lr_min``; ``T <= 0`` means no cosine epoch (``lr_0`` throughout).
     This matches the original exactly: ``CosineAnnealingLR.step()`` without an epoch uses
     PyTorch's recursive (chainable) form, started from the optimizer's current lr (the last
-    warm-up value, not ``lr_max``), and its ratios telescope to the closed form above. Spec
-    5.8's formula with ``lr_max`` in place of ``lr_0`` is the approximation (relative gap 1/WI).
+    warm-up value, not ``lr_max``), and its ratios telescope to the closed form above. The
+    same formula with ``lr_max`` in place of ``lr_0`` is an approximation (relative gap 1/WI).
     """
 
     def __init__(self, learning_rate, learning_rate_min, warmup_epochs, epochs, steps_per_epoch):
@@ -71,7 +74,7 @@ class NVAELearningRate(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def kl_coefficient(step, total_steps, anneal_portion=0.3, const_portion=1e-4, min_coeff=1e-4):
-    """KL warm-up beta (spec 5.2): ``max(min((step - c) / A, 1), min_coeff)``.
+    """KL warm-up beta (docs/design.md#kl-warm-up): ``max(min((step - c) / A, 1), min_coeff)``.
 
     ``A = anneal_portion * total_steps``, ``c = const_portion * total_steps``; ``total_steps``
     is epochs times the per-replica steps per epoch, as in the original. ``A == 0`` gives 1
@@ -86,7 +89,7 @@ def kl_coefficient(step, total_steps, anneal_portion=0.3, const_portion=1e-4, mi
 
 
 def regularizer_weight(beta, weight_decay_norm, anneal, weight_decay_norm_init):
-    """Weight lambda of the spectral and BN regularizers (spec 5.6), float32 scalar tensor.
+    """Weight lambda of the spectral and BN regularizers (paper App. A), float32 scalar tensor.
 
     Without ``anneal`` it is the constant ``weight_decay_norm``. With it, the geometric
     interpolation ``exp((1 - beta) * ln(init) + beta * ln(final))`` tied to the KL coefficient

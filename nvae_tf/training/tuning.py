@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from nvae_tf.config import ConfigError, NVAEConfig, _coerce, read_yaml
 from nvae_tf.data import DataError
+from nvae_tf.files import write_atomically
 from nvae_tf.run_dir import config_path
 
 OBJECTIVE = "test_bpd"  # held-out negative ELBO, bits/dim (lower is better): train()'s key
@@ -298,7 +299,7 @@ class NVAETuner(keras_tuner.Tuner):
         """Write ``trials.csv`` (all trials, best first) and, once a trial completed, the best
         trial's full config as ``best_config.yaml``; returns the table's rows."""
         rows = trial_table(self)
-        _atomic_write(os.path.join(self.directory, TRIALS_CSV), lambda f: _write_csv(rows, f))
+        write_atomically(os.path.join(self.directory, TRIALS_CSV), lambda f: _write_csv(rows, f))
         best = best_config(self)
         if best is not None:
             best.to_yaml(os.path.join(self.directory, BEST_CONFIG))
@@ -382,10 +383,3 @@ def _write_csv(rows, f):
         {k: "" if v is None else repr(v) if isinstance(v, float) else v for k, v in row.items()}
         for row in rows
     )
-
-
-def _atomic_write(path, write):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)
