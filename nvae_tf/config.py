@@ -31,6 +31,29 @@ DECODERS = ("bernoulli", "logistic_mixture")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 RECOMPUTE = ("none", "cell", "group")
 CHANNEL_MULT = 2
+# The fields that decide the model's variables: a checkpoint fits a model iff these agree.
+ARCHITECTURE_FIELDS = (
+    "image_size",
+    "image_channels",
+    "decoder",
+    "num_channels_enc",
+    "num_channels_dec",
+    "num_preprocess_blocks",
+    "num_preprocess_cells",
+    "num_postprocess_blocks",
+    "num_postprocess_cells",
+    "num_cell_per_cond_enc",
+    "num_cell_per_cond_dec",
+    "num_latent_scales",
+    "num_groups_per_scale",
+    "ada_groups",
+    "min_groups_per_scale",
+    "num_latent_per_group",
+    "num_nf",
+    "num_mixture_dec",
+    "use_se",
+    "res_dist",
+)
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from typing import TYPE_CHECKING
 
-from nvae_tf.config import ConfigError, NVAEConfig
+from nvae_tf.config import ARCHITECTURE_FIELDS, ConfigError, NVAEConfig
 from nvae_tf.tf_messages import captured_stderr_fd, one_line
 
 if TYPE_CHECKING:
@@ -91,6 +91,25 @@ def check_run_dir(run_dir, config, resume):
             "change when resuming"
         )
     return saved
+
+
+def check_init_from(run_dir, config):
+    """Check that ``run_dir`` has a checkpoint of ``config``'s model; returns its path.
+
+    For warm starts (``nvae-train --init-from``): the architecture must agree, everything
+    else (dataset, training fields) may differ.
+    """
+    source = load_run_config(run_dir)
+    conflicts = [
+        f"{name} ({getattr(source, name)!r} there, {getattr(config, name)!r} here)"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(source, name) != getattr(config, name)
+    ]
+    if conflicts:
+        raise ConfigError(
+            f"--init-from {run_dir}: its model has another architecture: {', '.join(conflicts)}"
+        )
+    return latest_checkpoint(run_dir)
 
 
 def check_writable(path, what="--out"):

@@ -304,6 +304,16 @@ def test_dml_samples_in_unit_range_and_shape():
     assert samples.std() > 0.05
 
 
+def test_dml_sample_takes_the_models_int64_stateless_seeds():
+    """nvae-sample draws colour samples with the int64 stateless seeds the model uses."""
+    params = np.random.RandomState(9).normal(size=(1, 2, 2, 10)).astype(np.float32)
+    dist = tfd.Independent(DiscretizedLogisticMixture(params), reinterpreted_batch_ndims=2)
+    seed = tf.constant([-1359977007, -1], tf.int64)
+    a, b = dist.sample(seed=seed).numpy(), dist.sample(seed=seed).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (1, 2, 2, 3)
+
+
 def _sample_std(temperature, original_temperature):
     params = _single_logistic(4000, np.log(0.05))
     dist = DiscretizedLogisticMixture(

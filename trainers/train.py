@@ -59,6 +59,12 @@ def build_parser():
         "the run if --out holds none yet)",
     )
     p.add_argument(
+        "--init-from",
+        metavar="RUN",
+        help="start from the model weights of this run (same architecture, e.g. an imported "
+        "pretrained model); optimizer, step and schedules start fresh",
+    )
+    p.add_argument(
         "--steps",
         type=positive_int,
         metavar="N",
@@ -199,6 +205,7 @@ def main(argv=None):
             args.out,
             steps=args.steps,
             resume=args.resume,
+            init_from=args.init_from,
             strategy=make_strategy(strategy_name),
             verbose=args.progress,
             log_every=args.log_every,

@@ -169,6 +169,9 @@ class DiscretizedLogisticMixture(tfd.Distribution):
         return tf.reduce_logsumexp(log_probs, axis=-1)
 
     def _sample_n(self, n, seed=None):
+        if isinstance(seed, tf.Tensor) and seed.dtype == tf.int64:
+            # The model's stateless seeds are int64 (stateless_fold_in); TFP's take int32.
+            seed = tf.cast(seed, tf.int32)
         mixture_seed, noise_seed = tfp.random.split_seed(seed, n=2, salt="DiscLogisticMixture")
         logits, means, log_scales, coeffs = self._components()
         t = self._temperature

@@ -66,6 +66,9 @@ class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
         self.num_flows = int(num_flows)
         self.residual_posterior = bool(residual_posterior)
         self.use_se = bool(use_se)
+        # True: every z is its distribution's mean instead of a sample (zero latent noise),
+        # for exact comparisons with the original (nvae_tf.pretrained.verification).
+        self.use_mean = False
 
         # The model runs these (it owns the recompute policy) before calling the group.
         self.cells = (
@@ -113,7 +116,7 @@ class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
         ``seed`` is a stateless seed (shape (2,) int32) for the posterior sample.
         """
         q, prior = self.posterior(s, encoder_feature)
-        z = q.sample(seed=seed)
+        z = q.mean() if self.use_mean else q.sample(seed=seed)
         log_q = q.log_prob(z)
         log_det = None
         if self.flow is not None:
@@ -143,7 +146,8 @@ class LatentGroup(CheckpointListsMixin, keras.layers.Layer):
 
     def sample(self, s, seed, temperature=1.0):
         """Generation pass: draw z from the prior at ``temperature`` (stateless ``seed``)."""
-        z = self.prior(s, temperature).sample(seed=seed)
+        prior = self.prior(s, temperature)
+        z = prior.mean() if self.use_mean else prior.sample(seed=seed)
         return self.decoder_combiner(s, z)
 
     def _prior_params(self, s):

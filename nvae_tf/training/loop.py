@@ -54,6 +54,7 @@ def train(
     *,
     steps=None,
     resume=False,
+    init_from=None,
     strategy=None,
     verbose=1,
     callbacks=(),
@@ -76,6 +77,9 @@ def train(
       resume: continue the run in ``out_dir`` from its newest intact checkpoint (from scratch
         if it has none). Only the fields in ``nvae_tf.run_dir.RESUMABLE_KEYS`` may differ
         from its ``config.yaml``.
+      init_from: start a new run from the model weights of the run directory ``init_from``
+        (same architecture; e.g. an imported pretrained model). The optimizer, step,
+        schedules and data start fresh.
       strategy: a ``tf.distribute`` strategy (default ``make_strategy("auto")``).
       verbose: 0 silent, 1 progress bar, 2 one line per epoch.
       callbacks: extra Keras callbacks (e.g. a tuner's), called after the built-in ones.
@@ -120,10 +124,13 @@ def train(
     ):
         if not value >= 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
+    if init_from and resume:
+        raise ConfigError("--init-from starts a new run: it cannot be combined with --resume")
     with StopOnSignal() as stop:
         strategy = strategy or make_strategy("auto")
         keras.utils.set_random_seed(config.seed)  # identical initialization on every worker
-        run = _Run(config, out_dir, strategy, resume, chief=is_chief(strategy), stop=stop)
+        chief = is_chief(strategy)
+        run = _Run(config, out_dir, strategy, resume, chief, stop, init_from=init_from)
         run.check_inputs()  # config, run directory and data, on every worker, before any writing
         with precision_policy(config.precision):
             return run.train(
@@ -150,6 +157,7 @@ class _Run(RunInputs):
     resume: bool
     chief: bool
     stop: StopOnSignal
+    init_from: str = None  # run directory whose model weights start this run
     # Filled in by check_inputs():
     saved_config: object = None  # the run's config.yaml when resuming
     global_batch: int = None  # batch_size x replicas
@@ -186,7 +194,12 @@ class _Run(RunInputs):
         """Restore the newest intact checkpoint (if any) and the data iterator to continue."""
         import tensorflow as tf
 
-        from nvae_tf.run_dir import RunDirectoryError, checkpoint_dir, intact_checkpoint
+        from nvae_tf.run_dir import (
+            RunDirectoryError,
+            checkpoint_dir,
+            intact_checkpoint,
+            restore_model,
+        )
 
         # Keras metrics are not trackable themselves; their variables are (epoch averages).
         metrics = {f"{m.name}_{v.name}": v for m in model.metrics for v in m.variables}
@@ -209,6 +222,10 @@ class _Run(RunInputs):
                     f"--resume: {path} does not hold this version's training state (model, "
                     "optimizer and metrics); continue it with the nvae-tf that wrote it"
                 ) from None
+        elif self.init_from:  # a warm start: the weights only (EMA weights if it kept them)
+            source = restore_model(self.init_from)
+            for variable, value in zip(model.weights, source.weights, strict=True):
+                variable.assign(value)
         step = _global_step(model)
         saved = self.saved_config
         same_data = saved is None or saved.data_dir == self.config.data_dir

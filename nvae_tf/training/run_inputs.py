@@ -34,9 +34,11 @@ class RunInputs:
 
     def _check_inputs(self):
         from nvae_tf.data import num_examples
-        from nvae_tf.run_dir import check_run_dir, check_writable
+        from nvae_tf.run_dir import check_init_from, check_run_dir, check_writable
 
         self.saved_config = check_run_dir(self.out_dir, self.config, self.resume)
+        if self.init_from:
+            check_init_from(self.init_from, self.config)
         if self.resume and self.saved_config is None:
             if self.chief:
                 print(f"--resume: {self.out_dir} holds no run yet; starting one", file=sys.stderr)
