@@ -29,7 +29,7 @@ import time
 
 from nvae_tf.config import ConfigError
 from nvae_tf.run_dir import RUN_LOGS
-from nvae_tf.training.run_inputs import RunInputs
+from nvae_tf.training.run_inputs import RunInputs, check_options
 from nvae_tf.training.signals import StopOnSignal, TrainingInterrupted
 from nvae_tf.training.watchdog import HANG_FACTOR, HANG_MIN_SECONDS
 
@@ -107,23 +107,21 @@ def train(
 
     from nvae_tf.training.distribute import is_chief, make_strategy, precision_policy
 
-    for name, value in (
-        ("steps", steps or 1),
-        ("log_every", log_every),
-        ("image_every", image_every),
-        ("checkpoint_every", checkpoint_every),
-        ("keep_checkpoints", keep_checkpoints),
-    ):
-        if int(value) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
-    for name, value in (
-        ("checkpoint_minutes", checkpoint_minutes),
-        ("hang_factor", hang_factor),
-        ("hang_min_seconds", hang_min_seconds),
-        ("max_rollbacks", max_rollbacks),
-    ):
-        if not value >= 0:
-            raise ConfigError(f"{name} must be >= 0, got {value}")
+    check_options(
+        at_least_one=dict(
+            steps=steps or 1,
+            log_every=log_every,
+            image_every=image_every,
+            checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
+        ),
+        at_least_zero=dict(
+            checkpoint_minutes=checkpoint_minutes,
+            hang_factor=hang_factor,
+            hang_min_seconds=hang_min_seconds,
+            max_rollbacks=max_rollbacks,
+        ),
+    )
     if init_from and resume:
         raise ConfigError("--init-from starts a new run: it cannot be combined with --resume")
     with StopOnSignal() as stop:

@@ -11,6 +11,16 @@ from nvae_tf.config import ConfigError
 PROBE_IMAGES = 64  # fixed held-out batch for per-group KL, active units and image grids
 
 
+def check_options(at_least_one, at_least_zero):
+    """One-line ``ConfigError`` for a ``train()`` interval or limit out of range."""
+    for name, value in at_least_one.items():
+        if not value >= 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    for name, value in at_least_zero.items():
+        if not value >= 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+
+
 class RunInputs:
     # --- checks (nothing is written before these pass) ------------------------------------
     def check_inputs(self):
