@@ -25,9 +25,10 @@ from nvae_tf.layers.recompute import recompute_cells, run_cells
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D
 from nvae_tf.output import NVAEOutput
-from nvae_tf.training.guarded_optimizer import make_optimizer
+from nvae_tf.training.guarded_optimizer import make_optimizer, schedule_step
 from nvae_tf.training.objective import LossTerms, Objective
 from nvae_tf.training.regularizers import SpectralRegularizer
+from nvae_tf.training.step_state import StepState
 
 tfd = tfp.distributions
 # A stateless seed: shape (2,) integers (or one integer), or None for the model's generator.
@@ -332,9 +333,11 @@ class NVAE(CheckpointListsMixin, keras.Model):
     def train_step(self, data):
         x = _images_of(data)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        state = StepState(self)  # a skipped step leaves BN stats, u/v and metrics as they were
+        state.snapshot()
         with tf.GradientTape() as tape:
             out = self(x, training=True)
-            terms = self.objective(self, out, x, self.optimizer.iterations)
+            terms = self.objective(self, out, x, schedule_step(self.optimizer))
             # Gradients are summed over replicas: each contributes its share of the mean.
             scaled = self.optimizer.scale_loss(terms.loss / replicas)
         grads = tape.gradient(scaled, self.trainable_variables)
@@ -343,15 +346,20 @@ class NVAE(CheckpointListsMixin, keras.Model):
         scale = tf.cast(self.optimizer.scale_loss(1.0), tf.float32)
         grad_norm = tf.linalg.global_norm(grads) / scale * replicas
         self.optimizer.apply(grads, self.trainable_variables)
-        return self._update_metrics(
-            {
-                **terms._asdict(),
-                "grad_norm": grad_norm,
-                "bpd": bits_per_dim(terms.nelbo, self.config.num_output_dims),
-            },
-            skipped_steps=self.optimizer.skipped_steps,
-            consecutive_skips=self.optimizer.consecutive_skips,
-        )
+        values = {
+            **terms._asdict(),
+            "grad_norm": grad_norm,
+            "bpd": bits_per_dim(terms.nelbo, self.config.num_output_dims),
+        }
+        for name, value in values.items():
+            if name in self._trackers:
+                self._trackers[name].update_state(value)
+        state.restore_unless(tf.equal(self.optimizer.consecutive_skips, 0))
+        return {
+            **{name: tracker.result() for name, tracker in self._trackers.items()},
+            "skipped_steps": self.optimizer.skipped_steps,
+            "consecutive_skips": self.optimizer.consecutive_skips,
+        }
 
     def test_step(self, data):
         x = _images_of(data)

@@ -99,10 +99,13 @@ def test_batchnorm_is_synchronized(report):
 
 def test_nan_on_one_replica_skips_the_step_everywhere(report):
     nan = report["nan_step"]
-    assert nan["replica_losses_finite"] == [True, False]
     assert nan["skipped_steps"] == [1, 1]
     assert nan["consecutive_skips"] == [1, 1]
     assert nan["max_weight_change"] == 0.0
+    # Nothing else moved either, on either replica: BN statistics, spectral u/v, optimizer
+    # slots, metric trackers (whose epoch means, the logged loss, stay finite).
+    assert nan["changed_variables"] == 0
+    assert nan["replica_losses_finite"] == [True, True]
     # And a clean step afterwards resets the consecutive count and moves the weights.
     assert nan["after_clean_step"]["consecutive_skips"] == [0, 0]
     assert nan["after_clean_step"]["skipped_steps"] == [1, 1]
@@ -284,11 +287,29 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
             for name in ("skipped_steps", "consecutive_skips")
         }
 
+    def every_copy():
+        """Each replica's copy of every model, metric and optimizer variable but the counters."""
+        variables = (
+            list(multi.variables)
+            + [v for m in multi.metrics for v in m.variables]
+            + [v for v in multi.optimizer.variables if v.path.split("/")[-1] not in names]
+        )
+        return [
+            np.array(c.numpy())
+            for v in variables
+            for c in strategy.experimental_local_results(getattr(v, "value", v))
+        ]
+
+    names = ("skipped_steps", "consecutive_skips")
     multi.objective = poisoned
     before = [v.numpy() for v in multi.trainable_variables]
+    state_before = every_copy()
     logs = strategy.run(multi.train_step, args=(batch,))
     mark("poisoned step")
     nan = counters()
+    nan["changed_variables"] = sum(
+        not np.array_equal(a, b) for a, b in zip(state_before, every_copy())
+    )
     nan["replica_losses_finite"] = [
         bool(np.isfinite(float(v))) for v in strategy.experimental_local_results(logs["loss"])
     ]

@@ -54,6 +54,10 @@ SERVE = textwrap.dedent("""
     bad = {
         "wrong_size": lambda: sig["reconstruct"](images=tf.zeros([2, 28, 28, 1])),
         "wrong_rank": lambda: loaded.encode(tf.zeros([32, 32, 1])),
+        "empty_batch": lambda: sig["log_likelihood"](
+            images=tf.zeros([0, 32, 32, 1]), num_samples=tf.constant(2)
+        ),
+        "empty_reconstruct": lambda: loaded.reconstruct(tf.zeros([0, 32, 32, 1])),
         "wrong_channels": lambda: loaded.reconstruct(tf.zeros([1, 32, 32, 3])),
         "wrong_dtype": lambda: sig["reconstruct"](images=tf.zeros([2, 32, 32, 1], tf.float64)),
         "above_one": lambda: loaded.reconstruct(tf.fill([2, 32, 32, 1], 2.0)),
@@ -136,6 +140,8 @@ def test_fresh_process_serves_all_signatures_with_library_numbers(exported, tmp_
     expected = {
         "wrong_size": "images must have shape (batch, 32, 32, 1)",
         "wrong_rank": "images must have shape (batch, 32, 32, 1)",
+        "empty_batch": "images is an empty batch: send at least one image",
+        "empty_reconstruct": "images is an empty batch: send at least one image",
         "wrong_channels": "images must have shape (batch, 32, 32, 1)",
         "wrong_dtype": "expected to be a float tensor but is a double tensor",
         "above_one": "images must be in [0, 1]",

@@ -141,7 +141,7 @@ def test_killed_and_signalled_runs_resume_cleanly(tmp_path):
     (out / "checkpoints" / "ckpt-999_temp").mkdir()
     (out / "checkpoints" / "ckpt-999.index").write_bytes(b"half-written")
 
-    # SIGTERM: the run finishes its step, checkpoints it and exits with 130.
+    # SIGTERM: the run finishes its step, checkpoints it and exits with 143 (128 + 15).
     proc = subprocess.Popen(
         cli(out, "--resume", *flags),
         cwd=ROOT,
@@ -153,10 +153,11 @@ def test_killed_and_signalled_runs_resume_cleanly(tmp_path):
     wait_for(lambda: saved_step(out) >= killed_at + 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stderr[-3000:]
+    assert proc.returncode == 143, stderr[-3000:]
     stopped_at = saved_step(out)
     assert f"SIGTERM: stopped at step {stopped_at} and saved a checkpoint" in stderr
     assert not (out / "checkpoints" / "ckpt-999_temp").exists()
+    assert not (out / "checkpoints" / "ckpt-999.index").exists()
 
     run(cli(out, "--resume", *flags))
     assert saved_step(out) == 40

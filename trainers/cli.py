@@ -16,22 +16,25 @@ def quiet_tensorflow(verbose=False):
 
     ``TF_CPP_MIN_LOG_LEVEL`` covers TensorFlow's own log, but the lines that absl writes before
     its logging is initialised (oneDNN, CUDA stubs, cuInit on a machine without a GPU) ignore
-    it: stderr is pointed at /dev/null while TensorFlow loads and finds its devices.
+    it: stderr is captured while TensorFlow loads and finds its devices (which does not
+    initialize them: multi-worker set-up stays possible), and replayed only if that fails.
     """
     if verbose or "tensorflow" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        import tensorflow as tf
+    from nvae_tf.tf_messages import captured_stderr_fd
 
-        tf.config.list_physical_devices()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    failure = None
+    with captured_stderr_fd() as captured:
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException as e:
+            failure = e, captured()
+    if failure is not None:
+        sys.stderr.write(failure[1])
+        raise failure[0]
 
 
 class UserError(Exception):
@@ -49,12 +52,12 @@ def entry_point(main):
 
         try:
             return main(argv)
-        except (UserError, ConfigError, DataError, FileNotFoundError) as e:
+        except (UserError, ConfigError, DataError, OSError) as e:  # OSError: unwritable, full
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:  # nvae-train's TrainingInterrupted says more
+            print(str(e) or "interrupted", file=sys.stderr)
+            return getattr(e, "exit_code", 130)
 
     return wrapper
 
@@ -76,6 +79,34 @@ def report_result(result, report, json_path=None):
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
     return 0
+
+
+def check_writable_file(path, flag):
+    """``UserError`` unless the file ``path`` can be written; checked before any work starts
+    by creating and removing a probe next to it (permission bits miss read-only mounts)."""
+    import tempfile
+
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".nvae-write-probe-", dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable ({e.strerror or e})") from None
+
+
+def check_writable_dir(path, flag):
+    """``UserError`` unless the folder ``path`` exists and takes files, or can be created."""
+    from nvae_tf.run_dir import RunDirectoryError, check_writable
+
+    try:
+        check_writable(path, what=flag)
+    except RunDirectoryError as e:
+        raise UserError(str(e)) from None
 
 
 def add_config_args(parser):

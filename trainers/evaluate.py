@@ -11,6 +11,7 @@ Batches are split over all GPUs when there are several (``--batch-size`` is per 
 from trainers.cli import (
     Progress,
     add_checkpoint_arg,
+    check_writable_file,
     entry_point,
     parser,
     positive_int,
@@ -32,7 +33,7 @@ def run(args):
     several = len(tf.config.list_physical_devices("GPU")) > 1
     strategy = make_strategy("mirrored" if several else "one_device")
     with strategy.scope():
-        model = restore_model(args.checkpoint, config=config)
+        model = restore_model(args.checkpoint, config=config, path=checkpoint)
     seed = config.seed if args.seed is None else args.seed
     batch_size = (args.batch_size or config.batch_size) * strategy.num_replicas_in_sync
     dataset = evaluation_dataset(config, args.split, batch_size, seed, args.num_images)
@@ -103,6 +104,8 @@ def main(argv=None):
     )
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     args = p.parse_args(argv)
+    if args.json:
+        check_writable_file(args.json, "--json")  # before the evaluation, not after it
     return report_result(run(args), report, args.json)
 
 

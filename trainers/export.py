@@ -9,7 +9,14 @@ without nvae_tf installed.
 
 import os
 
-from trainers.cli import UserError, add_checkpoint_arg, entry_point, parser, positive_int
+from trainers.cli import (
+    UserError,
+    add_checkpoint_arg,
+    check_writable_dir,
+    entry_point,
+    parser,
+    positive_int,
+)
 
 
 @entry_point
@@ -26,18 +33,19 @@ def main(argv=None):
         help="bound on images per forward pass of log_likelihood (default 256)",
     )
     args = p.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; choose a new --out folder")
     if os.path.exists(args.out) and os.listdir(args.out):
         raise UserError(f"{args.out} exists and is not empty; choose a new --out folder")
+    check_writable_dir(args.out, "--out")
 
     from nvae_tf.inference.serving import SIGNATURES, export
     from nvae_tf.run_dir import latest_checkpoint, restore_model
 
-    model = restore_model(args.checkpoint)
+    checkpoint = latest_checkpoint(args.checkpoint)
+    model = restore_model(args.checkpoint, path=checkpoint)
     export(model, args.out, args.max_images_per_pass)
-    print(
-        f"exported {latest_checkpoint(args.checkpoint)} to {args.out} "
-        f"(signatures: {', '.join(SIGNATURES)})"
-    )
+    print(f"exported {checkpoint} to {args.out} (signatures: {', '.join(SIGNATURES)})")
     return 0
 
 

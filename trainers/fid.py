@@ -20,6 +20,7 @@ from trainers.cli import (
     Progress,
     UserError,
     add_checkpoint_arg,
+    check_writable_file,
     entry_point,
     parser,
     positive_float,
@@ -158,6 +159,8 @@ def main(argv=None):
     p.add_argument("--cache-dir", help="reference statistics cache (default ~/.cache/nvae-tf/fid)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     args = p.parse_args(argv)
+    if args.json:
+        check_writable_file(args.json, "--json")  # before the sampling, not after it
     return report_result(run(args), report, args.json)
 
 

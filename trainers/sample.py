@@ -26,6 +26,7 @@ import numpy as np
 from trainers.cli import (
     UserError,
     add_checkpoint_arg,
+    check_writable_dir,
     entry_point,
     parser,
     positive_float,
@@ -156,13 +157,14 @@ def run(args):
             raise UserError(
                 f"--fix-top-scales takes 0..{config.num_latent_scales} for this model, got {k}"
             )
+    out = args.out or os.path.join(args.checkpoint, "samples")
+    check_writable_dir(out, "--out")
     checkpoint = latest_checkpoint(args.checkpoint)
     images = load_images(args.reconstruct, config, args.seed) if args.reconstruct else None
     pair = load_images(args.interpolate, config, args.seed) if args.interpolate else None
-    model = restore_model(args.checkpoint, config=config)
+    model = restore_model(args.checkpoint, config=config, path=checkpoint)
     if args.readjust_bn:
         readjust_bn(model, args, checkpoint)
-    out = args.out or os.path.join(args.checkpoint, "samples")
     os.makedirs(out, exist_ok=True)
     columns = args.columns or math.ceil(math.sqrt(args.num))
     common = {"decoder_temperature": args.decoder_temperature, "mean": args.mean}

@@ -3,22 +3,35 @@
 The loop itself (exact resume, strategies, callbacks) is ``nvae_tf.training.loop.train``.
 """
 
+import argparse
 import sys
 
-from nvae_tf.training.loop import (
-    CHECKPOINT_EVERY,
-    IMAGE_EVERY,
-    KEEP_CHECKPOINTS,
-    LOG_EVERY,
-    TrainingDiverged,
-    train,
-)
 from trainers.cli import UserError, entry_point, parser, positive_int
 
 
+def non_negative(text):
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def build_parser():
+    # Imported here, not at module level: TensorFlow loads after cli.quiet_tensorflow.
     from nvae_tf.config import PRECISIONS, RECOMPUTE
     from nvae_tf.training.distribute import STRATEGIES
+    from nvae_tf.training.loop import (
+        CHECKPOINT_EVERY,
+        CHECKPOINT_MINUTES,
+        IMAGE_EVERY,
+        KEEP_CHECKPOINTS,
+        LOG_EVERY,
+    )
+    from nvae_tf.training.watchdog import HANG_FACTOR, HANG_MIN_SECONDS
 
     p = parser(
         "Train NVAE. Writes config.yaml, checkpoints/, metrics.csv and tensorboard/ to "
@@ -42,7 +55,8 @@ def build_parser():
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its latest checkpoint, exactly",
+        help="continue the run in --out exactly, from its newest intact checkpoint (starts "
+        "the run if --out holds none yet)",
     )
     p.add_argument(
         "--init-from",
@@ -96,11 +110,43 @@ def build_parser():
         "epoch ends and the end always)",
     )
     p.add_argument(
+        "--checkpoint-minutes",
+        type=non_negative,
+        default=CHECKPOINT_MINUTES,
+        metavar="M",
+        help=f"also checkpoint when M minutes passed since the last save (default "
+        f"{CHECKPOINT_MINUTES:g}; 0: by steps only)",
+    )
+    p.add_argument(
         "--keep-checkpoints",
         type=positive_int,
         default=KEEP_CHECKPOINTS,
         metavar="N",
         help=f"checkpoints to keep (default {KEEP_CHECKPOINTS})",
+    )
+    p.add_argument(
+        "--hang-factor",
+        type=non_negative,
+        default=HANG_FACTOR,
+        metavar="F",
+        help=f"hang watchdog: a step over F x the recent median step time (and over "
+        f"--hang-min-seconds) prints all stacks and exits with status 75 (default "
+        f"{HANG_FACTOR:g}; 0: off)",
+    )
+    p.add_argument(
+        "--hang-min-seconds",
+        type=non_negative,
+        default=HANG_MIN_SECONDS,
+        metavar="S",
+        help=f"hang watchdog: never declare a hang before S seconds (default {HANG_MIN_SECONDS:g})",
+    )
+    p.add_argument(
+        "--rollbacks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="on max_skipped_steps consecutive non-finite steps, roll back to the newest "
+        "intact checkpoint with half the learning rate, up to N times (default 0: stop)",
     )
     p.add_argument(
         "--progress",
@@ -137,7 +183,12 @@ def config_from_args(args):
 @entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from nvae_tf.training.checkpointing import CheckpointSaveError
     from nvae_tf.training.distribute import make_strategy, set_cluster
+    from nvae_tf.training.loop import TrainingDiverged, train
+
+    if args.rollbacks < 0:
+        raise UserError(f"--rollbacks must be >= 0, got {args.rollbacks}")
 
     config = config_from_args(args)
     strategy_name = args.strategy
@@ -160,9 +211,13 @@ def main(argv=None):
             log_every=args.log_every,
             image_every=args.image_every,
             checkpoint_every=args.checkpoint_every,
+            checkpoint_minutes=args.checkpoint_minutes,
             keep_checkpoints=args.keep_checkpoints,
+            hang_factor=args.hang_factor,
+            hang_min_seconds=args.hang_min_seconds,
+            max_rollbacks=args.rollbacks,
         )
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointSaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

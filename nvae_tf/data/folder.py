@@ -5,7 +5,10 @@ exactly ``image_size`` x ``image_size`` with ``image_channels`` channels (L or R
 checked up front from their headers (cheap, no decoding), so a bad file is named before
 training starts: by default the first one is reported in a ``DataError``; with
 ``skip_bad_files`` they are left out and counted in a warning. Payload corruption that only
-decoding reveals is then dropped at read time (skip mode) or stops the pipeline (default).
+decoding reveals (a truncated file) is caught where the file is decoded and named: skipped
+with a warning (skip mode) or raised as one marked line that the training loop turns into a
+``DataError`` (default). The decode runs in ``tf.py_function`` for that; it keeps no state, so
+the iterator is checkpointed without it (``Source.python_decode``).
 Own code rather than ``tfds.folder_dataset.ImageFolder``: that one needs split/label/ sub-folders
 and checks nothing, while NVAE data is unlabelled and often a flat folder.
 """
@@ -18,8 +21,9 @@ import tensorflow as tf
 from PIL import Image
 
 from nvae_tf.data import layout
-from nvae_tf.data.errors import DataError
+from nvae_tf.data.errors import MARK, DataError
 from nvae_tf.data.source import AUTOTUNE, Source, shard, shard_size
+from nvae_tf.tf_messages import one_line
 
 FORMATS = ("PNG", "JPEG")
 MODES = {1: "L", 3: "RGB"}
@@ -121,18 +125,44 @@ def folder_source(config, split, input_context, hint=""):
     paths = scan(config, split, hint)
     size, channels = config.image_size, config.image_channels
 
+    skip = config.skip_bad_files
+    blank = tf.zeros([size, size, channels], tf.uint8)
+
     def read(path):
-        image = tf.io.decode_image(
-            tf.io.read_file(path), channels=channels, expand_animations=False
-        )
-        return tf.ensure_shape(image, [size, size, channels])
+        """Decode one file eagerly (inside ``tf.py_function``) so a failure can name it."""
+        name = path.numpy().decode()
+        try:
+            image = tf.io.decode_image(
+                tf.io.read_file(path), channels=channels, expand_animations=False
+            )
+            if tuple(image.shape) != (size, size, channels):
+                raise ValueError(f"decoded to {tuple(image.shape)}")
+            return image, True
+        except (tf.errors.OpError, ValueError) as e:
+            why = one_line(e)
+            if skip:
+                log.warning(
+                    "dataset %s: skipping %s: cannot decode it (%s)", config.dataset, name, why
+                )
+                return blank, False
+            raise ValueError(
+                f"{MARK}dataset {config.dataset}: bad file {name}: cannot decode it ({why}); "
+                "fix or remove it, or set skip_bad_files: true to skip bad files"
+            ) from None
+
+    @tf.autograph.experimental.do_not_convert
+    def decode_one(path, s):
+        image, ok = tf.py_function(read, [path], (tf.uint8, tf.bool))
+        return tf.ensure_shape(image, [size, size, channels]), s, ok
 
     def decode(ds):
-        ds = ds.map(lambda path, s: (read(path), s), num_parallel_calls=AUTOTUNE)
-        return ds.ignore_errors(log_warning=True) if config.skip_bad_files else ds
+        ds = ds.map(decode_one, num_parallel_calls=AUTOTUNE)
+        if skip:
+            ds = ds.filter(lambda image, s, ok: ok)
+        return ds.map(lambda image, s, ok: (image, s))
 
     elements = shard(tf.data.Dataset.from_tensor_slices(paths), input_context)
-    return Source(elements, decode, shard_size(len(paths), input_context))
+    return Source(elements, decode, shard_size(len(paths), input_context), python_decode=True)
 
 
 def folder_num_examples(config, split, hint=""):

@@ -130,6 +130,8 @@ def load_dataset(
     ds = ds.batch(batch_size, drop_remainder=train).prefetch(AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = config.deterministic_data
+    if source.python_decode:  # a py_function holds no state: save the iterator without it
+        options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     return ds.with_options(options)
 
 

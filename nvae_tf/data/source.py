@@ -18,6 +18,7 @@ class Source:
     elements: tf.data.Dataset  # raw elements of this worker's shard, in a fixed order
     decode: Callable[[tf.data.Dataset], tf.data.Dataset]  # (raw, seed) -> (uint8 image, seed)
     size: int | None = None  # elements in the shard when known cheaply: shuffle them all
+    python_decode: bool = False  # decode calls stateless Python: checkpoint iterators anyway
 
 
 def shard(ds, input_context):

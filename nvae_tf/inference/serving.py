@@ -153,7 +153,7 @@ def _latent_checks(latents, specs):
 
 
 def _checked(images, shape, binary=False):
-    """Check (B, *shape), finite values, values in [0, 1] and, if ``binary``, values 0 or 1.
+    """Check (B, *shape) with B >= 1, finite values in [0, 1] and, if ``binary``, values 0 or 1.
 
     All conditions are computed without ops that could fail on a bad input and feed one
     Assert that reports the first failing one, so the message does not depend on op order.
@@ -166,6 +166,7 @@ def _checked(images, shape, binary=False):
             tf.logical_and(tf.equal(tf.size(dims), 4), tf.reduce_all(tf.equal(padded, shape))),
             f"images must have shape (batch, {shape[0]}, {shape[1]}, {shape[2]})",
         ),
+        (tf.pad(dims, [[0, 1]])[0] > 0, "images is an empty batch: send at least one image"),
         (tf.reduce_all(tf.math.is_finite(flat)), "images contain NaN or Inf"),
         (tf.reduce_all((flat >= 0.0) & (flat <= 1.0)), "images must be in [0, 1]"),
     ]

@@ -1,10 +1,11 @@
-"""Keras callbacks of an NVAE run: diagnostics, skip guard, checkpoints, CSV, TensorBoard, progress.
+"""Keras callbacks of an NVAE run: diagnostics, skip guard, CSV, TensorBoard, progress.
 
 They work under ``model.fit`` and under ``nvae-train``'s resumable loop alike. Order matters:
 ``TrainingDiagnostics`` goes first, because it adds to the shared ``logs`` dict what the sinks
 write (the current beta, lambda and learning rate on every step; per-group KL and active units at
 logged steps, which it marks with a ``step`` key). The global step used throughout is the number
 of training batches consumed: applied steps (``optimizer.iterations``) plus skipped ones.
+Checkpoints: ``nvae_tf.training.checkpointing.CheckpointSaver``.
 """
 
 import csv
@@ -19,6 +20,8 @@ import tensorflow as tf
 from nvae_tf.files import write_atomically
 from nvae_tf.inference.image_grid import grid
 from nvae_tf.model import ACTIVE_KL_THRESHOLD
+from nvae_tf.training.checkpointing import global_step
+from nvae_tf.training.guarded_optimizer import schedule_step
 from nvae_tf.training.schedules import kl_coefficient, regularizer_weight
 
 SAMPLE_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # as the original's grids, docs/design.md#training-loop
@@ -38,16 +41,6 @@ TRAIN_COLUMNS = (
     "skipped_steps",
 )
 TEST_COLUMNS = ("val_nelbo", "val_bpd")
-
-
-def global_step(model):
-    """Training batches consumed so far: applied plus skipped optimizer steps.
-
-    (An optimizer that is not built yet, or not a ``GuardedOptimizer``, has no skip counter.)
-    """
-    optimizer = model.optimizer
-    skipped = getattr(optimizer, "skipped_steps", None)
-    return int(optimizer.iterations.numpy()) + (int(skipped.numpy()) if skipped is not None else 0)
 
 
 def metric_columns(config):
@@ -110,7 +103,7 @@ class TrainingDiagnostics(keras.callbacks.Callback):
 
     def _schedule_values(self):
         model = self.model
-        config, step = model.config, model.optimizer.iterations
+        config, step = model.config, schedule_step(model.optimizer)
         beta = kl_coefficient(
             step,
             model.objective.total_steps,
@@ -172,59 +165,9 @@ class SkipGuard(keras.callbacks.Callback):
                 f"training stopped at step {global_step(self.model)}: {streak} consecutive steps "
                 f"had a non-finite loss or gradients ({int(logs.get('skipped_steps', streak))} "
                 "skipped in all); lower learning_rate or set grad_clip_norm, then start again from "
-                "the last checkpoint"
+                "the last checkpoint (or let nvae-train --rollbacks N do it)"
             )
             self.model.stop_training = True
-
-
-class CheckpointSaver(keras.callbacks.Callback):
-    """Saves ``manager``'s checkpoint every ``every_steps`` steps, at epoch ends and at the end.
-
-    Checkpoints are numbered by the global step. A save never happens right after a non-finite
-    (skipped) step: it waits for the next finite one, so a checkpoint never captures state a
-    diverging step may have touched (e.g. batch-norm statistics). ``CheckpointManager`` writes
-    the files first and then atomically rewrites its ``checkpoint`` pointer, so a kill during a
-    save leaves the previous checkpoint as the latest.
-    """
-
-    def __init__(self, manager, every_steps):
-        super().__init__()
-        self.manager = manager
-        self.every_steps = int(every_steps)
-        self._pending = False
-        self._saved_step = None
-        self._finite = True
-
-    def on_train_begin(self, logs=None):
-        self._saved_step = global_step(self.model)  # the restored (or initial) state
-        self._pending = False
-        self._finite = True
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._finite = int((logs or {}).get("consecutive_skips", 0)) == 0
-        if global_step(self.model) % self.every_steps == 0:
-            self._pending = True
-        self._save_if_pending()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._pending = True
-        self._save_if_pending()
-
-    def on_train_end(self, logs=None):
-        self._pending = True
-        self._save_if_pending()
-
-    def _save_if_pending(self):
-        step = global_step(self.model)
-        if self._pending and self._finite and step != self._saved_step:
-            self.manager.save(checkpoint_number=step)
-            self._saved_step = step
-            self._pending = False
-
-    @property
-    def saved_step(self):
-        """Global step of the newest checkpoint this run holds (restored or saved)."""
-        return self._saved_step
 
 
 class _RowWriter(keras.callbacks.Callback):

@@ -147,3 +147,22 @@ def precision_policy(name):
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def make_train_step(model, strategy):
+    """One ``tf.function``: ``model.train_step`` on every replica, logs reduced across them."""
+
+    @tf.function(jit_compile=bool(model.config.jit_compile), reduce_retracing=True)
+    def train_step(batch):
+        logs = strategy.run(model.train_step, args=(batch,))
+
+        def reduce(value):
+            # Counters arrive as optimizer variables, identical on every replica.
+            first = tf.convert_to_tensor(strategy.experimental_local_results(value)[0])
+            if first.dtype.is_floating:
+                return strategy.reduce("MEAN", value, axis=None)
+            return first
+
+        return {name: reduce(value) for name, value in logs.items()}
+
+    return train_step

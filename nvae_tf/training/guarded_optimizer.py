@@ -6,8 +6,13 @@ distribution-safe control flow that ``tf.distribute`` needs. Two things are adde
     (Keras tests each replica's local, not yet reduced, gradients);
   * a fixed scale of 1 when dynamic scaling is off (float32 / bfloat16), where a skip must
     not shrink the scale.
-It counts skipped steps (total and consecutive) so training can be stopped when stuck.
+It counts skipped steps (total and consecutive) so training can be stopped when stuck, and
+drives the learning-rate schedule by the run's global step (applied + skipped steps: the batches
+consumed, as the original's per-batch scheduler), times ``learning_rate_scale`` (lowered by a
+rollback, see ``nvae_tf.training.rollback``). All of it is checkpointed with the optimizer.
 """
+
+import contextlib
 
 import keras
 import tensorflow as tf
@@ -48,6 +53,19 @@ class GuardedOptimizer(keras.optimizers.LossScaleOptimizer):
         self.consecutive_skips = self.add_variable(
             (), initializer="zeros", dtype="int64", name="consecutive_skips"
         )
+        self.learning_rate_scale = self.add_variable(
+            (), initializer="ones", dtype="float32", name="learning_rate_scale"
+        )
+        self.rollbacks = self.add_variable((), initializer="zeros", dtype="int64", name="rollbacks")
+        inner = self.inner_optimizer
+        if hasattr(inner, "learning_rate_at"):
+            inner.learning_rate_fn = lambda: (
+                inner.learning_rate_at(self.global_step()) * self.learning_rate_scale
+            )
+
+    def global_step(self):
+        """Batches consumed (int64 tensor): applied steps plus skipped ones."""
+        return tf.cast(self.iterations, tf.int64) + self.skipped_steps
 
     def check_finite(self, grads):
         finite = super().check_finite(grads)
@@ -71,6 +89,29 @@ class GuardedOptimizer(keras.optimizers.LossScaleOptimizer):
 
     def get_config(self):
         return {**super().get_config(), "dynamic": self.dynamic}
+
+
+def schedule_step(optimizer):
+    """The step the KL and lambda schedules follow: the run's global step when the optimizer
+    counts skipped steps (a ``GuardedOptimizer``), else its applied steps."""
+    if getattr(optimizer, "skipped_steps", None) is not None:
+        return optimizer.global_step()
+    return optimizer.iterations
+
+
+@contextlib.contextmanager
+def ema_weights(model):
+    """Temporarily swap in the EMA of the weights when the run keeps one."""
+    if not model.config.ema_decay:
+        yield
+        return
+    backup = [v.numpy() for v in model.trainable_variables]
+    model.optimizer.finalize_variable_values(model.trainable_variables)
+    try:
+        yield
+    finally:
+        for variable, value in zip(model.trainable_variables, backup):
+            variable.assign(value)
 
 
 def make_optimizer(config, steps_per_epoch):

@@ -15,37 +15,37 @@ reproduces an uninterrupted one step for step (given deterministic ops). Under
 ``MultiWorkerMirroredStrategy`` each worker reads its own shard, so the chief's iterator state
 does not fit the others: there the data stream restarts on resume, reseeded by the step.
 ``model.fit(load_dataset(...), ...)`` keeps working for library users with the same callbacks.
+
+Parts: ``run_inputs`` (checks before writing), ``step_loop`` (the loop), ``checkpointing``,
+``held_out`` (evaluation), ``signals``, ``watchdog`` and ``rollback`` (long-run reliability).
 """
 
-import contextlib
 import dataclasses
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 
 from nvae_tf.config import ConfigError
+from nvae_tf.run_dir import RUN_LOGS
+from nvae_tf.training.run_inputs import RunInputs, check_options
+from nvae_tf.training.signals import StopOnSignal, TrainingInterrupted
+from nvae_tf.training.watchdog import HANG_FACTOR, HANG_MIN_SECONDS
 
 LOG_EVERY = 100  # the original logs every 100 steps (docs/design.md#training-loop)
 IMAGE_EVERY = 1000  # ... and writes a reconstruction grid every 1000
 CHECKPOINT_EVERY = 1000
+CHECKPOINT_MINUTES = 5.0  # ... and at least this often, so a kill costs minutes of work
 KEEP_CHECKPOINTS = 3
-PROBE_IMAGES = 64  # fixed held-out batch for per-group KL, active units and image grids
-EVAL_SEED = 7  # fixed posterior noise for held-out ELBOs: comparable across evaluations
 SCHEDULE_VALUES = ("beta", "reg_weight")  # reported by train_step but not results
-METRICS_FILE = "metrics.csv"
-TENSORBOARD_DIR = "tensorboard"
+METRICS_FILE, TENSORBOARD_DIR = RUN_LOGS
+
+__all__ = ["TrainingDiverged", "TrainingInterrupted", "train"]
 
 
 class TrainingDiverged(RuntimeError):
     """Training stopped because too many consecutive steps were non-finite (one-line message)."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM stopped training after a step; a checkpoint of that step was saved."""
 
 
 def train(
@@ -61,7 +61,11 @@ def train(
     log_every=LOG_EVERY,
     image_every=IMAGE_EVERY,
     checkpoint_every=CHECKPOINT_EVERY,
+    checkpoint_minutes=CHECKPOINT_MINUTES,
     keep_checkpoints=KEEP_CHECKPOINTS,
+    hang_factor=HANG_FACTOR,
+    hang_min_seconds=HANG_MIN_SECONDS,
+    max_rollbacks=0,
 ):
     """Train ``config`` into the run directory ``out_dir``; returns the final metrics.
 
@@ -70,8 +74,9 @@ def train(
       out_dir: run directory; created (must not hold a run) unless ``resume``.
       steps: stop once the run's global step (batches trained, from its start, skipped
         non-finite steps included) reaches ``steps``; the schedules still span ``epochs``.
-      resume: continue the run in ``out_dir`` from its latest checkpoint. Only the fields
-        in ``nvae_tf.run_dir.RESUMABLE_KEYS`` may differ from its ``config.yaml``.
+      resume: continue the run in ``out_dir`` from its newest intact checkpoint (from scratch
+        if it has none). Only the fields in ``nvae_tf.run_dir.RESUMABLE_KEYS`` may differ
+        from its ``config.yaml``.
       init_from: start a new run from the model weights of the run directory ``init_from``
         (same architecture; e.g. an imported pretrained model). The optimizer, step,
         schedules and data start fresh.
@@ -80,50 +85,68 @@ def train(
       callbacks: extra Keras callbacks (e.g. a tuner's), called after the built-in ones.
       log_every, image_every, checkpoint_every: intervals in steps for metrics rows
         (CSV + TensorBoard), TensorBoard image grids and checkpoints; epoch ends always log
-        and checkpoint. keep_checkpoints: how many checkpoints to keep.
+        and checkpoint. checkpoint_minutes: also checkpoint when this much wall time passed
+        since the last save (0: by steps only; not used with several workers).
+        keep_checkpoints: how many checkpoints to keep.
+      hang_factor, hang_min_seconds: the hang watchdog (``nvae_tf.training.watchdog``;
+        ``hang_factor=0`` disables it). max_rollbacks: rollbacks allowed on a streak of
+        non-finite steps (``nvae_tf.training.rollback``); 0 stops instead.
 
     Returns:
       ``{"step", "skipped_steps", "train_<metric>" (epoch-to-date means of the last epoch
       trained), "test_nelbo", "test_bpd", "test_images"}``.
 
     Raises:
-      ConfigError, DataError, RunDirectoryError: bad input, raised before anything is written.
-      TrainingDiverged: ``max_skipped_steps`` consecutive non-finite steps.
+      ConfigError, DataError, RunDirectoryError: bad input, raised before anything is written
+        (a fresh run that fails before its first checkpoint removes what it wrote).
+      CheckpointSaveError: a save failed (previous checkpoint kept, nothing partial left).
+      TrainingDiverged: ``max_skipped_steps`` consecutive non-finite steps (and no rollback).
       TrainingInterrupted: SIGINT/SIGTERM (the current step is checkpointed first).
     """
     import keras
 
     from nvae_tf.training.distribute import is_chief, make_strategy, precision_policy
 
-    for name, value in (
-        ("steps", steps or 1),
-        ("log_every", log_every),
-        ("image_every", image_every),
-        ("checkpoint_every", checkpoint_every),
-        ("keep_checkpoints", keep_checkpoints),
-    ):
-        if int(value) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
-    strategy = strategy or make_strategy("auto")
-    keras.utils.set_random_seed(config.seed)  # identical initialization on every worker
-    if init_from and resume:
-        raise ConfigError("--init-from starts a new run: it cannot be combined with --resume")
-    run = _Run(config, out_dir, strategy, resume, chief=is_chief(strategy), init_from=init_from)
-    run.check_inputs()  # config, run directory and data, on every worker, before any writing
-    with precision_policy(config.precision):
-        return run.train(
-            steps=steps,
-            verbose=verbose if run.chief else 0,
-            extra_callbacks=list(callbacks),
+    check_options(
+        at_least_one=dict(
+            steps=steps or 1,
             log_every=log_every,
             image_every=image_every,
             checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints,
-        )
+        ),
+        at_least_zero=dict(
+            checkpoint_minutes=checkpoint_minutes,
+            hang_factor=hang_factor,
+            hang_min_seconds=hang_min_seconds,
+            max_rollbacks=max_rollbacks,
+        ),
+    )
+    if init_from and resume:
+        raise ConfigError("--init-from starts a new run: it cannot be combined with --resume")
+    with StopOnSignal() as stop:
+        strategy = strategy or make_strategy("auto")
+        keras.utils.set_random_seed(config.seed)  # identical initialization on every worker
+        chief = is_chief(strategy)
+        run = _Run(config, out_dir, strategy, resume, chief, stop, init_from=init_from)
+        run.check_inputs()  # config, run directory and data, on every worker, before any writing
+        with precision_policy(config.precision):
+            return run.train(
+                steps=steps,
+                verbose=verbose if run.chief else 0,
+                extra_callbacks=list(callbacks),
+                log_every=log_every,
+                image_every=image_every,
+                checkpoint_every=checkpoint_every,
+                checkpoint_seconds=None if run.multi_worker else 60.0 * checkpoint_minutes,
+                keep_checkpoints=keep_checkpoints,
+                watchdog=(hang_factor, hang_min_seconds),
+                max_rollbacks=max_rollbacks,
+            )
 
 
 @dataclasses.dataclass
-class _Run:
+class _Run(RunInputs):
     """One invocation of training on one process: checks, set-up, the loop, evaluation."""
 
     config: object
@@ -131,6 +154,7 @@ class _Run:
     strategy: object
     resume: bool
     chief: bool
+    stop: StopOnSignal
     init_from: str = None  # run directory whose model weights start this run
     # Filled in by check_inputs():
     saved_config: object = None  # the run's config.yaml when resuming
@@ -142,70 +166,13 @@ class _Run:
     train_data: object = None  # this worker's pipelines
     test_data: object = None
     probe_images: object = None  # the fixed held-out batch of the diagnostics and grids
-    _score: object = None  # the compiled held-out scoring function
-
-    # --- checks (nothing is written before these pass) ------------------------------------
-    def check_inputs(self):
-        """Validate everything; with several workers, all agree before the chief writes."""
-        from nvae_tf.training.distribute import is_multi_worker, sum_over_workers
-
-        error = None
-        try:
-            self._check_inputs()
-        except Exception as e:  # any failure: tell the other workers first, then raise it
-            error = e
-        if is_multi_worker(self.strategy):  # also a barrier: no worker sees the chief's writes
-            failed = sum_over_workers(self.strategy, [float(error is not None)])[0]
-            if failed and error is None:
-                raise ConfigError(
-                    f"{int(failed)} other worker(s) rejected the run's inputs; "
-                    "see their error messages"
-                )
-        if error is not None:
-            raise error
-
-    def _check_inputs(self):
-        from nvae_tf.data import num_examples
-        from nvae_tf.run_dir import check_init_from, check_run_dir
-
-        self.saved_config = check_run_dir(self.out_dir, self.config, self.resume)
-        if self.init_from:
-            check_init_from(self.init_from, self.config)
-        c, replicas = self.config, self.strategy.num_replicas_in_sync
-        self.global_batch = c.batch_size * replicas
-        self.num_train = num_examples(c, "train")
-        self.num_test = num_examples(c, "test")
-        self.steps_per_epoch = self.num_train // self.global_batch
-        if self.steps_per_epoch < 1:
-            raise ConfigError(
-                f"the global batch ({c.batch_size} per replica x {replicas} "
-                f"replica(s) = {self.global_batch}) is larger than the "
-                f"{self.num_train} training images: lower batch_size"
-            )
-        if self.num_test < 1:
-            raise ConfigError(f"dataset {c.dataset} has no test images to evaluate on")
-        self._make_datasets()
-
-    def _make_datasets(self, seed=None):
-        """Train/test pipelines of this worker and the probe batch (raises DataError)."""
-        from nvae_tf.data import load_dataset
-        from nvae_tf.training.distribute import input_context, is_multi_worker, num_workers
-
-        c = self.config
-        context = input_context(self.strategy) if is_multi_worker(self.strategy) else None
-        workers = num_workers(self.strategy)
-        self.multi_worker = context is not None
-        self.train_data = load_dataset(
-            c, "train", global_batch_size=self.global_batch, input_context=context, seed=seed
-        )
-        self.test_data = load_dataset(
-            c, "test", global_batch_size=c.batch_size * workers, input_context=context
-        )
-        if self.probe_images is None:
-            probe = load_dataset(c, "test", global_batch_size=min(PROBE_IMAGES, self.num_test))
-            self.probe_images = next(iter(probe))
+    _score: object = None  # the held-out scoring (HeldOutScore)
 
     # --- set-up -------------------------------------------------------------------------
+    @property
+    def metrics_path(self):
+        return os.path.join(self.out_dir, METRICS_FILE)
+
     def _write_run_dir(self):
         from nvae_tf.run_dir import config_path
 
@@ -222,25 +189,42 @@ class _Run:
         return model
 
     def _restore(self, model):
-        """Restore the latest checkpoint (if any) and create the data iterator to continue."""
+        """Restore the newest intact checkpoint (if any) and the data iterator to continue."""
         import tensorflow as tf
 
-        from nvae_tf.run_dir import checkpoint_dir, restore_model
-        from nvae_tf.training.callbacks import global_step
+        from nvae_tf.run_dir import (
+            RunDirectoryError,
+            checkpoint_dir,
+            intact_checkpoint,
+            restore_model,
+        )
 
         # Keras metrics are not trackable themselves; their variables are (epoch averages).
         metrics = {f"{m.name}_{v.name}": v for m in model.metrics for v in m.variables}
         state = {"model": model, "optimizer": model.optimizer, "metrics": metrics}
-        path = tf.train.latest_checkpoint(checkpoint_dir(self.out_dir)) if self.resume else None
+        directory = checkpoint_dir(self.out_dir)
+        aside = self.chief and not self.multi_worker  # others may be reading the directory
+        path = intact_checkpoint(directory, set_aside=aside) if self.resume else None
+        if self.resume and path is None and self.chief:
+            print(
+                f"--resume: no checkpoint in {directory} yet; starting from scratch",
+                file=sys.stderr,
+            )
         if path:
-            tf.train.Checkpoint(**state).restore(
-                path
-            ).expect_partial().assert_existing_objects_matched()
+            try:
+                tf.train.Checkpoint(**state).restore(
+                    path
+                ).expect_partial().assert_existing_objects_matched()
+            except AssertionError:  # e.g. written by a version without some of today's state
+                raise RunDirectoryError(
+                    f"--resume: {path} does not hold this version's training state (model, "
+                    "optimizer and metrics); continue it with the nvae-tf that wrote it"
+                ) from None
         elif self.init_from:  # a warm start: the weights only (EMA weights if it kept them)
             source = restore_model(self.init_from)
             for variable, value in zip(model.weights, source.weights, strict=True):
                 variable.assign(value)
-        step = global_step(model)
+        step = _global_step(model)
         saved = self.saved_config
         same_data = saved is None or saved.data_dir == self.config.data_dir
         exact = not self.multi_worker and same_data
@@ -255,29 +239,40 @@ class _Run:
             state["data"] = iterator
         return tf.train.Checkpoint(**state), iterator, path, step
 
-    def _callbacks(self, model, manager, writer, verbose, log_every, image_every, checkpoint_every):
+    def _callbacks(self, manager, writer, verbose, log_every, image_every, saves):
         from nvae_tf.training import callbacks as cb
+        from nvae_tf.training.checkpointing import CheckpointSaver
 
         guard = cb.SkipGuard(self.config.max_skipped_steps)
-        chain = [
-            cb.TrainingDiagnostics(self.probe_images, log_every),
-            guard,
-            cb.CheckpointSaver(manager, checkpoint_every),
-        ]
+        chain = [cb.TrainingDiagnostics(self.probe_images, log_every), guard]
         if self.chief:
             chain += [
-                cb.CSVMetrics(
-                    os.path.join(self.out_dir, METRICS_FILE), cb.metric_columns(self.config)
-                ),
+                cb.CSVMetrics(self.metrics_path, cb.metric_columns(self.config)),
                 cb.TensorBoardScalars(writer),
                 cb.TensorBoardImages(writer, self.probe_images, image_every),
             ]
+        # Saves come after the step's metrics row: a kill between the two then only repeats
+        # the row (dropped on resume), never loses it.
+        chain.append(CheckpointSaver(manager, *saves))
         if verbose:
             chain.append(cb.ProgressBar(verbose))
         return chain, guard
 
     # --- training -----------------------------------------------------------------------
-    def train(
+    def train(self, **options):
+        """Set up, restore, loop, evaluate; a fresh run that fails before its first
+        checkpoint removes what it wrote, so the same command can simply be run again."""
+        from nvae_tf.run_dir import remove_failed_start
+
+        created = self.chief and not os.path.exists(self.out_dir)
+        try:
+            return self._train(**options)
+        except BaseException:
+            if self.chief and not self.resume:
+                remove_failed_start(self.out_dir, created)
+            raise
+
+    def _train(
         self,
         *,
         steps,
@@ -286,7 +281,10 @@ class _Run:
         log_every,
         image_every,
         checkpoint_every,
+        checkpoint_seconds,
         keep_checkpoints,
+        watchdog,
+        max_rollbacks,
     ):
         import keras
         import tensorflow as tf
@@ -294,10 +292,13 @@ class _Run:
         from nvae_tf.model import TRAIN_METRICS
         from nvae_tf.run_dir import checkpoint_dir, remove_partial_saves
         from nvae_tf.training.callbacks import CSVMetrics
+        from nvae_tf.training.rollback import Rollback
+        from nvae_tf.training.step_loop import StepLoop
 
         c = self.config
         if self.chief:
             self._write_run_dir()
+            remove_partial_saves(checkpoint_dir(self.out_dir))  # before looking for the newest
         model = self._build_model()
         checkpoint, iterator, restored, step = self._restore(model)
         total = c.epochs * self.steps_per_epoch
@@ -312,12 +313,16 @@ class _Run:
         writer = None
         try:
             if self.chief:
-                remove_partial_saves(save_dir)
-                CSVMetrics.truncate_after(os.path.join(self.out_dir, METRICS_FILE), step)
+                CSVMetrics.truncate_after(self.metrics_path, step)
                 writer = tf.summary.create_file_writer(os.path.join(self.out_dir, TENSORBOARD_DIR))
             manager = tf.train.CheckpointManager(checkpoint, save_dir, keep_checkpoints)
             chain, guard = self._callbacks(
-                model, manager, writer, verbose, log_every, image_every, checkpoint_every
+                manager,
+                writer,
+                verbose,
+                log_every,
+                image_every,
+                (checkpoint_every, checkpoint_seconds),
             )
             callbacks = keras.callbacks.CallbackList(
                 chain + extra_callbacks,
@@ -330,18 +335,26 @@ class _Run:
             if verbose:
                 self._announce(restored, step, stop_at, total)
             started = time.time()
-            with _StopOnSignal() as stop:
-                logs, evaluated = self._loop(model, iterator, callbacks, stop_at, stop)
+            loop = StepLoop(
+                self,
+                model,
+                iterator,
+                callbacks,
+                chain,
+                guard,
+                Rollback(checkpoint, save_dir, max_rollbacks),
+                manager,
+            )
+            logs, evaluated = loop.run_to(stop_at, watchdog)
             if guard.message:
                 raise TrainingDiverged(guard.message)
             step = _global_step(model)
-            if stop.signal:
-                print(
-                    f"{stop.signal}: stopped at step {step} and saved a checkpoint; continue "
-                    "with --resume",
-                    file=sys.stderr,
+            if self.stop.signal:
+                raise TrainingInterrupted(
+                    self.stop.signal,
+                    f"{self.stop.signal}: stopped at step {step} and saved a checkpoint; "
+                    "continue with --resume",
                 )
-                raise TrainingInterrupted()
             if evaluated and evaluated[0] == step:
                 test = evaluated[1]
             else:
@@ -365,73 +378,14 @@ class _Run:
             if not self.chief:
                 shutil.rmtree(save_dir, ignore_errors=True)
 
-    def _loop(self, model, iterator, callbacks, stop_at, stop):
-        """Keras fit's callback protocol over the checkpointed iterator, up to ``stop_at``."""
-        from nvae_tf.training.distribute import distribute_batch
-
-        train_step = _make_train_step(model, self.strategy)
-        step, logs, evaluated, epoch_open = _global_step(model), {}, None, False
-        model.stop_training = False
-        callbacks.on_train_begin()
-        while step < stop_at and not model.stop_training:
-            epoch, batch = divmod(step, self.steps_per_epoch)
-            if not epoch_open:
-                if batch == 0:  # a resumed mid-epoch run keeps its restored epoch averages
-                    model.reset_metrics()
-                callbacks.on_epoch_begin(epoch)
-                epoch_open = True
-            callbacks.on_train_batch_begin(batch)
-            logs = train_step(distribute_batch(self.strategy, next(iterator)))
-            logs = {k: v.numpy().item() for k, v in logs.items()}
-            callbacks.on_train_batch_end(batch, logs)
-            step = _global_step(model)
-            if stop.signal:
-                model.stop_training = True
-            if step % self.steps_per_epoch == 0:
-                epoch_logs = dict(logs)
-                if not model.stop_training and _evaluation_due(epoch, self.config.epochs):
-                    test = self.evaluate(model)
-                    evaluated = (step, test)
-                    epoch_logs.update({"val_nelbo": test["nelbo"], "val_bpd": test["bpd"]})
-                callbacks.on_epoch_end(epoch, epoch_logs)
-                epoch_open = False
-        callbacks.on_train_end(logs)
-        return logs, evaluated
-
     # --- evaluation ---------------------------------------------------------------------
     def evaluate(self, model):
-        """Single-sample negative ELBO on the whole test split: nats/image and bits/dim.
-
-        Each worker scores its shard (fixed posterior noise, EMA weights if trained with EMA);
-        the sums are added over workers.
-        """
-        import tensorflow as tf
-
-        from nvae_tf.inference.likelihood import bits_per_dim
-        from nvae_tf.training.distribute import sum_over_workers, worker_id
+        """Held-out negative ELBO (``nvae_tf.training.held_out``): nelbo, bpd, images."""
+        from nvae_tf.training.held_out import HeldOutScore
 
         if self._score is None:
-
-            @tf.function(reduce_retracing=True)
-            def score(x, seed):
-                out = model(x, training=False, seed=seed)
-                return tf.reduce_sum(tf.cast(out.negative_elbo(x), tf.float64))
-
-            self._score = score
-        total, count = 0.0, 0
-        with _ema_weights(model):
-            for i, x in enumerate(self.test_data):
-                seed = tf.constant([EVAL_SEED, worker_id(self.strategy) * 2**31 + i], tf.int64)
-                total += float(self._score(x, seed))
-                count += int(x.shape[0])
-        if self.multi_worker:
-            total, count = sum_over_workers(self.strategy, [total, float(count)])
-        nelbo = total / count
-        return {
-            "nelbo": nelbo,
-            "bpd": bits_per_dim(nelbo, self.config.num_output_dims),
-            "images": int(count),
-        }
+            self._score = HeldOutScore(model, self.config, self.strategy, self.multi_worker)
+        return self._score(self.test_data)
 
     # --- reporting ----------------------------------------------------------------------
     def _announce(self, restored, step, stop_at, total):
@@ -462,74 +416,7 @@ class _Run:
         print(f"run directory: {self.out_dir}")
 
 
-def _make_train_step(model, strategy):
-    """One ``tf.function``: ``model.train_step`` on every replica, logs reduced across them."""
-    import tensorflow as tf
-
-    @tf.function(jit_compile=bool(model.config.jit_compile), reduce_retracing=True)
-    def train_step(batch):
-        logs = strategy.run(model.train_step, args=(batch,))
-
-        def reduce(value):
-            # Counters arrive as optimizer variables, identical on every replica.
-            first = tf.convert_to_tensor(strategy.experimental_local_results(value)[0])
-            if first.dtype.is_floating:
-                return strategy.reduce("MEAN", value, axis=None)
-            return first
-
-        return {name: reduce(value) for name, value in logs.items()}
-
-    return train_step
-
-
 def _global_step(model):
     from nvae_tf.training.callbacks import global_step
 
     return global_step(model)
-
-
-def _evaluation_due(epoch, epochs):
-    """The original's validation schedule: every epoch up to 50 epochs, else every 20 + last."""
-    return epochs <= 50 or (epoch + 1) % 20 == 0 or epoch + 1 == epochs
-
-
-@contextlib.contextmanager
-def _ema_weights(model):
-    """Temporarily swap in the EMA of the weights when the run keeps one."""
-    if not model.config.ema_decay:
-        yield
-        return
-    backup = [v.numpy() for v in model.trainable_variables]
-    model.optimizer.finalize_variable_values(model.trainable_variables)
-    try:
-        yield
-    finally:
-        for variable, value in zip(model.trainable_variables, backup):
-            variable.assign(value)
-
-
-class _StopOnSignal:
-    """Turn the first SIGINT/SIGTERM into a stop after the current step; a second one aborts."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.signal:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        print(
-            f"\n{self.signal}: stopping after this step (send it again to abort at once)",
-            file=sys.stderr,
-        )

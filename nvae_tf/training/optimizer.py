@@ -55,6 +55,19 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.l2_decay = l2_decay
+        # Set by ``GuardedOptimizer``: the rate at the run's global step (skipped steps count).
+        self.learning_rate_fn = None
+
+    def learning_rate_at(self, step):
+        """The rate at ``step``: the schedule's value there, or the fixed rate."""
+        if isinstance(self._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            return self._learning_rate(step)
+        return super()._get_current_learning_rate()
+
+    def _get_current_learning_rate(self):
+        if self.learning_rate_fn is not None:
+            return self.learning_rate_fn()
+        return super()._get_current_learning_rate()
 
     def build(self, var_list):
         """Create the first-moment ``m`` and infinity-norm ``u`` slots (zeros)."""

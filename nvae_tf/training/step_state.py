@@ -1,0 +1,33 @@
+"""Keep a skipped training step from changing anything: snapshot, then restore if not finite.
+
+The forward pass updates state outside the optimizer's control: batch-norm moving statistics,
+the spectral regularizer's power-iteration vectors and the metric trackers. When the guarded
+optimizer skips a non-finite step, those updates (NaN, typically) must not stick, or one bad
+batch poisons evaluation, sampling and every later checkpoint. ``StepState`` reads them before
+the step and writes the old values back when the step was skipped, with ``tf.where`` (the same
+program on every replica and under XLA; the skip decision is already replica-consistent).
+Own code: Keras' BatchNormalization has no switch to make its update conditional on a later
+result, and a ``tf.cond`` around the whole step cannot wrap the optimizer's cross-replica call.
+"""
+
+import tensorflow as tf
+
+
+class StepState:
+    """The non-trainable variables of a model (and its metric trackers) around one step."""
+
+    def __init__(self, model):
+        self.variables = list(model.non_trainable_variables) + [
+            v for metric in model.metrics for v in metric.variables
+        ]
+        self._saved = None
+
+    def snapshot(self):
+        """Read every variable now (call before the forward pass)."""
+        self._saved = [tf.identity(v) for v in self.variables]
+
+    def restore_unless(self, applied):
+        """Write the snapshot back where ``applied`` (scalar bool) is false."""
+        for variable, saved in zip(self.variables, self._saved):
+            variable.assign(tf.where(applied, tf.convert_to_tensor(variable), saved))
+        self._saved = None
