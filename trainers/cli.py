@@ -109,8 +109,9 @@ def check_writable_dir(path, flag):
         raise UserError(str(e)) from None
 
 
-def add_config_args(parser):
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+def add_config_args(parser, required=True, config_help="YAML config file (see configs/)"):
+    """``--config FILE`` and the repeatable ``--set key=value`` overrides."""
+    parser.add_argument("--config", required=required, help=config_help)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -135,6 +136,17 @@ def positive_int(text):
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative(text):
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
 

@@ -3,21 +3,16 @@
 The loop itself (exact resume, strategies, callbacks) is ``nvae_tf.training.loop.train``.
 """
 
-import argparse
 import sys
 
-from trainers.cli import UserError, entry_point, parser, positive_int
-
-
-def non_negative(text):
-    """argparse type: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
+from trainers.cli import (
+    UserError,
+    add_config_args,
+    entry_point,
+    non_negative,
+    parser,
+    positive_int,
+)
 
 
 def build_parser():
@@ -38,17 +33,11 @@ def build_parser():
         "--out, then prints the held-out ELBO."
     )
     p.prog = "nvae-train"
-    p.add_argument(
-        "--config",
-        help="YAML config file (see configs/); with --resume, defaults to the run's config.yaml",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field (repeatable)",
+    add_config_args(
+        p,
+        required=False,
+        config_help="YAML config file (see configs/); with --resume, defaults to the run's "
+        "config.yaml",
     )
     p.add_argument("--data", metavar="DIR", help="dataset directory (sets data_dir)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
