@@ -128,37 +128,27 @@ def load_config(args):
     return NVAEConfig.from_yaml(args.config).with_overrides(args.overrides)
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1 (the one check every count argument uses)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number_type(convert, accept, expected, requirement):
+    """An argparse type: ``convert(text)``, refused with one line unless ``accept(value)``."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
+        return value
+
+    return parse
 
 
-def non_negative(text):
-    """argparse type: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def positive_float(text):
-    """argparse type: a finite number > 0 (temperatures)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
+# The shared argument checks: counts, non-negative amounts (minutes, factors), temperatures.
+positive_int = _number_type(int, lambda v: v >= 1, "an integer >= 1", "must be >= 1")
+non_negative = _number_type(float, lambda v: v >= 0, "a number >= 0", "expected a number >= 0")
+positive_float = _number_type(
+    float, lambda v: math.isfinite(v) and v > 0, "a number > 0", "must be a number > 0"
+)
 
 
 class _Parser(argparse.ArgumentParser):
