@@ -18,6 +18,7 @@ from nvae_tf.config import CHANNEL_MULT, NVAEConfig
 from nvae_tf.distributions import CroppedBernoulli, DiscretizedLogisticMixture
 from nvae_tf.inference import latent_space
 from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted
+from nvae_tf.inference.sampling import decoder_images, fold_seed
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.layers.latent_group import LatentGroup
 from nvae_tf.layers.normalization import BatchNorm
@@ -146,7 +147,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         for group in self.groups:
             s = self._run(group.cells, s, training)
             s, group_output = group(
-                s, features[-1 - group.index], _fold(seed, group.index), training=training
+                s, features[-1 - group.index], fold_seed(seed, group.index), training=training
             )
             groups.append(group_output)
         logits = self.output_logits(s, training)
@@ -231,7 +232,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         for group in self.groups:
             s = run_cells(group.cells, s, training=training)
             group_seed = fixed_seed if group.index < num_fixed_groups else seed
-            s = group.sample(s, _fold(group_seed, group.index), temperature)
+            s = group.sample(s, fold_seed(group_seed, group.index), temperature)
         return self.output_distribution(self.output_logits(s, training), decoder_temperature)
 
     def sample(
@@ -247,7 +248,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         decoder = self.prior_output_distribution(
             num_samples, temperature, decoder_temperature, training, seed=seed
         )
-        return _images(decoder, _fold(seed, -1))
+        return decoder_images(decoder, seed=fold_seed(seed, -1))
 
     def encode(
         self, x: tf.Tensor, sample: bool = False, seed: Seed = None
@@ -273,7 +274,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         """Decode the posterior sample of ``x`` (Bernoulli means / mixture samples)."""
         seed = self.stateless_seed(seed)
         out = self(x, training=False, seed=seed)
-        return _images(out.output_distribution, _fold(seed, -1))
+        return decoder_images(out.output_distribution, seed=fold_seed(seed, -1))
 
     def stateless_seed(self, seed: Seed = None) -> tf.Tensor:
         """A stateless seed: the given one, or the next from the model's generator."""
@@ -396,15 +397,3 @@ class NVAE(CheckpointListsMixin, keras.Model):
 def _images_of(data):
     """``fit`` may hand over images alone or (images, labels)."""
     return data[0] if isinstance(data, (tuple, list)) else data
-
-
-def _fold(seed, index):
-    """An independent stateless seed per latent group (or -1 for the decoder)."""
-    return tf.random.experimental.stateless_fold_in(seed, index)
-
-
-def _images(decoder, seed):
-    """Images from a decoder distribution: probabilities for Bernoulli, samples otherwise."""
-    if isinstance(decoder, CroppedBernoulli):
-        return decoder.mean()
-    return decoder.sample(seed=seed)

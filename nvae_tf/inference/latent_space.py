@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from nvae_tf.inference.sampling import decoder_images
+from nvae_tf.inference.sampling import decoder_images, fold_seed
 from nvae_tf.layers.recompute import run_cells
 
 
@@ -27,10 +27,6 @@ class GroupLatent(NamedTuple):
     mean: tf.Tensor  # posterior mean (before flows)
     stddev: tf.Tensor  # posterior standard deviation (before flows)
     z: tf.Tensor  # the latent decode() takes: the mean or a posterior sample, after flows
-
-
-def _fold(seed, index):
-    return tf.random.experimental.stateless_fold_in(seed, index)
 
 
 def encode(model, x: tf.Tensor, sample: bool = False, seed=None) -> list[GroupLatent]:
@@ -48,7 +44,7 @@ def encode(model, x: tf.Tensor, sample: bool = False, seed=None) -> list[GroupLa
     for group in model.groups:
         s = run_cells(group.cells, s, training=False)
         q, _ = group.posterior(s, features[-1 - group.index])
-        z = q.sample(seed=_fold(seed, group.index)) if sample else q.mean()
+        z = q.sample(seed=fold_seed(seed, group.index)) if sample else q.mean()
         z = group.through_flow(z)
         latents.append(GroupLatent(q.mean(), q.stddev(), z))
         s = group.combine(s, z)
@@ -81,7 +77,7 @@ def walk(
     for group, z in zip(model.groups, latents):
         s = run_cells(group.cells, s, training=False)
         if z is None or num_kept is not None:
-            drawn = group.prior(s, temperature).sample(seed=_fold(seed, group.index))
+            drawn = group.prior(s, temperature).sample(seed=fold_seed(seed, group.index))
             z = drawn if z is None else tf.where(group.index < num_kept, z, drawn)
         s = group.combine(s, z)
         walked.append(tf.convert_to_tensor(z, tf.float32))
@@ -145,5 +141,5 @@ def traverse(
     columns = [decode(model, latents)]
     for value in range(1, num_values):
         varied = [None if index == group else z for index, z in enumerate(latents)]
-        columns.append(decode(model, varied, temperature, _fold(seed, value)))
+        columns.append(decode(model, varied, temperature, fold_seed(seed, value)))
     return tf.stack(columns, axis=1)

@@ -24,8 +24,13 @@ def decoder_images(decoder, mean=False, seed=None):
     return decoder.sample(seed=seed)
 
 
+def fold_seed(seed, index):
+    """An independent stateless seed for ``index`` (a latent group, -1 for the output, ...)."""
+    return tf.random.experimental.stateless_fold_in(seed, index)
+
+
 def _fold(seed, index):
-    return tf.cast(tf.random.experimental.stateless_fold_in(seed, index), tf.int64)
+    return tf.cast(fold_seed(seed, index), tf.int64)
 
 
 def generate(model, num_samples, temperature=1.0, decoder_temperature=1.0, mean=False, seed=None):
