@@ -1,6 +1,6 @@
 """The safe PyTorch checkpoint reader: both formats, hostile and broken files (no TF model)."""
 
-import os
+import io
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from nvae_tf.pretrained.torch_reader import (
     SavedArgs,
     StoredTensor,
     TorchCheckpoint,
+    _unpickle,
 )
 
 ZIP, _ = fixture_paths("mnist_zip")
@@ -99,11 +100,24 @@ def test_a_storage_shorter_than_its_tensor(tmp_path):
     assert "storage 1 is too short" in _read_error(path)
 
 
-@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint\n", os.urandom(256)])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"hello, not a checkpoint\n",
+        np.random.default_rng(0).bytes(256),
+    ],
+)
 def test_an_unknown_format(tmp_path, content):
     path = tmp_path / "other.pt"
     path.write_bytes(content)
     assert _read_error(str(path)).startswith("unknown format")
+
+
+def test_a_pickle_frame_longer_than_any_file():
+    # pickle raises OverflowError here, which once escaped as a traceback.
+    with pytest.raises(CheckpointReadError, match="corrupt pickle"):
+        _unpickle(io.BytesIO(b"\x80\x04\x95" + b"\xff" * 8))
 
 
 def test_a_missing_file(tmp_path):

@@ -156,7 +156,7 @@ def _unpickle(file, on_storage=lambda ref: None):
         raise
     except EOFError:
         raise CheckpointReadError("the file is truncated (its pickle ends early)") from None
-    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except Exception as e:
         raise CheckpointReadError(f"corrupt pickle: {str(e).splitlines()[0][:120]}") from None
     except (KeyError, struct.error, MemoryError, RecursionError) as e:
         raise CheckpointReadError(f"corrupt pickle ({type(e).__name__})") from None
