@@ -91,6 +91,28 @@ def test_adamax_matches_numpy_reference(l2_decay):
     assert np.abs(got[0] - params[0]).max() > 1e-3  # the variables actually moved
 
 
+def test_adamax_variable_without_gradient_keeps_value_and_slots():
+    # One flat update covers all variables; one left out of a step must not move (as in Keras).
+    params, grads = random_params_and_grads(3)
+    opt = NVAEAdamax(learning_rate=1e-2, l2_decay=0.05)
+    variables = [tf.Variable(p) for p in params]
+    opt.apply([tf.constant(g) for g in grads[0]], variables)
+    slots = [v.numpy() for v in opt.variables if v.name in ("momentum", "norm")]
+    opt.apply([tf.constant(grads[1][0])], variables[:1])
+    np.testing.assert_array_equal(
+        variables[1].numpy(),
+        run_keras(NVAEAdamax(1e-2, l2_decay=0.05), params[1:], [grads[0][1:]])[0],
+    )
+    want = numpy_adamax(params[:1], lambda t, p: [grads[t][0]], [1e-2] * 2, 0.05)
+    np.testing.assert_allclose(variables[0].numpy(), want[0], rtol=1e-5, atol=1e-7)
+    size0 = params[0].size
+    for before, after in zip(
+        slots, [v.numpy() for v in opt.variables if v.name in ("momentum", "norm")]
+    ):
+        np.testing.assert_array_equal(before[size0:], after[size0:])
+        assert np.abs(before[:size0] - after[:size0]).max() > 0
+
+
 def test_adamax_differs_from_keras_adamax():
     # eps placement: one large gradient, then tiny ones, so u decays towards eps. NVAE's u is
     # floored at |g| + eps; Keras' u + eps keeps decaying (beta_2 = 0.5 shortens the decay).
