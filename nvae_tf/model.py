@@ -14,11 +14,12 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from nvae_tf import graph_optimization
 from nvae_tf.config import CHANNEL_MULT, NVAEConfig
 from nvae_tf.distributions import CroppedBernoulli, DiscretizedLogisticMixture
 from nvae_tf.inference import latent_space
 from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted
-from nvae_tf.inference.sampling import decoder_images, fold_seed
+from nvae_tf.inference.sampling import decoder_images, fold_seed, prior_images
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.layers.latent_group import LatentGroup
 from nvae_tf.layers.normalization import BatchNorm
@@ -244,11 +245,9 @@ class NVAE(CheckpointListsMixin, keras.Model):
         seed: Seed = None,
     ) -> tf.Tensor:
         """Images in [0, 1]: Bernoulli means for binary data, mixture samples for colour."""
-        seed = self.stateless_seed(seed)
-        decoder = self.prior_output_distribution(
-            num_samples, temperature, decoder_temperature, training, seed=seed
+        return prior_images(
+            self, num_samples, temperature, decoder_temperature, training=training, seed=seed
         )
-        return decoder_images(decoder, seed=fold_seed(seed, -1))
 
     def encode(
         self, x: tf.Tensor, sample: bool = False, seed: Seed = None
@@ -283,7 +282,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)  # int32 tensors too
         return seed if seed.shape.rank == 1 else tf.stack([seed, tf.zeros_like(seed)])
 
-    @tf.function(reduce_retracing=True)
+    @graph_optimization.function(reduce_retracing=True)
     def log_likelihood(
         self,
         x: tf.Tensor,
@@ -294,7 +293,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         """Importance-weighted log p(x) per image in nats, from ``num_samples`` samples."""
         return importance_weighted(self, x, num_samples, max_images_per_pass, seed)[0]
 
-    @tf.function(reduce_retracing=True)
+    @graph_optimization.function(reduce_retracing=True)
     def elbo(self, x: tf.Tensor, num_samples: int = 1, seed: Seed = None) -> tf.Tensor:
         """Evidence lower bound per image in nats, averaged over ``num_samples`` samples."""
         return importance_weighted(self, x, num_samples, seed=seed)[1]

@@ -23,6 +23,7 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
+from nvae_tf import graph_optimization
 from nvae_tf.inference.sampling import NonFiniteSamplesError
 from nvae_tf.layers.normalization import BatchNorm
 
@@ -61,7 +62,7 @@ def readjust_batchnorm(
     before = [v.numpy() for v in variables]
     base = model.stateless_seed(seed)
 
-    @tf.function
+    @graph_optimization.function
     def one_pass(index):
         seed = tf.cast(tf.random.experimental.stateless_fold_in(base, index), tf.int64)
         model.prior_output_distribution(batch_size, temperature, training=True, seed=seed)

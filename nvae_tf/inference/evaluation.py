@@ -11,6 +11,7 @@ the negative ELBO, the upper bound on ``nll_*`` that bpd tables report.
 import numpy as np
 import tensorflow as tf
 
+from nvae_tf import graph_optimization
 from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted, mean_and_standard_error
 from nvae_tf.model import ACTIVE_KL_THRESHOLD
 
@@ -75,7 +76,7 @@ def evaluate(
 
 
 def _make_step(model, strategy, num_samples, max_images_per_pass):
-    @tf.function(reduce_retracing=True)
+    @graph_optimization.function(reduce_retracing=True)
     def step(batch, seed):
         def replica_step(x):
             x = x[0] if isinstance(x, (tuple, list)) else x

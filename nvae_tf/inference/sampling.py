@@ -10,6 +10,7 @@ the mixture mean; as in the original's sampling code.
 import numpy as np
 import tensorflow as tf
 
+from nvae_tf import graph_optimization
 from nvae_tf.distributions import CroppedBernoulli
 
 
@@ -39,11 +40,43 @@ def generate(model, num_samples, temperature=1.0, decoder_temperature=1.0, mean=
     With ``mean=False`` this equals ``model.sample(...)`` for the same seed.
     """
     _check_temperatures(temperature, decoder_temperature)
-    seed = model.stateless_seed(seed)
-    decoder = model.prior_output_distribution(
-        num_samples, temperature, decoder_temperature, seed=seed
+    images = prior_images(
+        model, num_samples, temperature, decoder_temperature, mean=mean, seed=seed
     )
-    return check_finite(decoder_images(decoder, mean, _fold(seed, -1)), "samples")
+    return check_finite(images, "samples")
+
+
+def prior_images(
+    model,
+    num_samples,
+    temperature=1.0,
+    decoder_temperature=1.0,
+    mean=False,
+    training=False,
+    seed=None,
+):
+    """``num_samples`` images from the prior, in one compiled graph (``model.sample``'s body).
+
+    Temperatures become tensors so that new values reuse the graph; a new ``num_samples``,
+    ``mean`` or ``training`` traces a new one.
+    """
+    return _prior_images(
+        model,
+        num_samples,
+        tf.constant(temperature, tf.float32),
+        tf.constant(decoder_temperature, tf.float32),
+        bool(mean),
+        bool(training),
+        model.stateless_seed(seed),
+    )
+
+
+@graph_optimization.function(reduce_retracing=True)
+def _prior_images(model, num_samples, temperature, decoder_temperature, mean, training, seed):
+    decoder = model.prior_output_distribution(
+        num_samples, temperature, decoder_temperature, training, seed=seed
+    )
+    return decoder_images(decoder, mean, _fold(seed, -1))
 
 
 def reconstruct(model, images, decoder_temperature=1.0, mean=False, seed=None):
@@ -83,7 +116,7 @@ def fixed_top_grid(
     seed = model.stateless_seed(seed)
     fixed_seed = _fold(seed, -2)
 
-    @tf.function
+    @graph_optimization.function
     def column(column_seed):
         decoder = model.prior_output_distribution(
             num_rows,

@@ -19,6 +19,7 @@ import os
 import keras
 import tensorflow as tf
 
+from nvae_tf import graph_optimization
 from nvae_tf.config import ConfigError
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
@@ -152,7 +153,7 @@ def precision_policy(name):
 def make_train_step(model, strategy):
     """One ``tf.function``: ``model.train_step`` on every replica, logs reduced across them."""
 
-    @tf.function(jit_compile=bool(model.config.jit_compile), reduce_retracing=True)
+    @graph_optimization.function(jit_compile=bool(model.config.jit_compile), reduce_retracing=True)
     def train_step(batch):
         logs = strategy.run(model.train_step, args=(batch,))
 

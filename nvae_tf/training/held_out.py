@@ -7,6 +7,7 @@ the run keeps them. Each worker scores its shard; the sums are added over worker
 
 import tensorflow as tf
 
+from nvae_tf import graph_optimization
 from nvae_tf.inference.likelihood import bits_per_dim
 from nvae_tf.training.distribute import sum_over_workers, worker_id
 from nvae_tf.training.guarded_optimizer import ema_weights
@@ -23,7 +24,7 @@ class HeldOutScore:
         self.strategy = strategy
         self.multi_worker = multi_worker
 
-        @tf.function(reduce_retracing=True)
+        @graph_optimization.function(reduce_retracing=True)
         def score(x, seed):
             out = model(x, training=False, seed=seed)
             return tf.reduce_sum(tf.cast(out.negative_elbo(x), tf.float64))
