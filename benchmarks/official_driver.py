@@ -1,0 +1,136 @@
+"""Child process: the original PyTorch NVAE under the side-by-side protocol (bench_protocol).
+
+Runs in a PyTorch environment (``side_by_side.py --torch-python``). It imports the original's
+own modules from ``--nvae`` and calls them; the layouts and the CPU patch (``.cuda()`` as a
+no-op, its synchronized BN-Swish as a plain BN + SiLU) come from ``official_bench.py`` in
+``--harness``. What it times, as the original's train.py and test() do:
+
+- a training step: forward, decoder log-likelihood, balanced KL, spectral and batch-norm
+  regularizers, backward, Adamax (float32, no gradient scaling);
+- sampling: ``model.sample(n, t)`` in eval mode and one draw from the decoder;
+- IW evaluation: K forward passes in eval mode, ``log p(x|z) + log p(z) - log q(z|x)`` per
+  pass, ``logsumexp`` over K minus ``log K``.
+"""
+
+import argparse
+import math
+import os
+import sys
+import types
+
+import bench_protocol as protocol
+from bench_setups import synthetic_images
+
+KL_COEFF = 0.5  # mid-way through the KL warm-up: the balancing branch runs, as for most steps
+# The original's train.py defaults for what its README commands leave unset.
+TRAIN_DEFAULTS = dict(
+    arch_instance="res_mbconv",
+    num_latent_per_group=20,
+    num_mixture_dec=10,
+    use_se=True,
+    res_dist=True,
+    learning_rate=1e-2,
+    weight_decay=3e-4,
+)
+
+
+def build(harness, name):
+    """The original model, its Adamax and the KL-balancing coefficients for layout ``name``."""
+    import torch
+    import utils
+    from model import AutoEncoder
+    from thirdparty.adamax import Adamax
+
+    layout = dict(harness.CONFIGS[name])
+    size, channels = layout.pop("size"), layout.pop("ch")
+    args = argparse.Namespace(**TRAIN_DEFAULTS, **layout)
+    torch.manual_seed(1)
+    model = AutoEncoder(args, None, utils.get_arch_cells(args.arch_instance))
+    optimizer = Adamax(
+        model.parameters(), args.learning_rate, weight_decay=args.weight_decay, eps=1e-3
+    )
+    alpha = utils.kl_balancer_coeff(
+        num_scales=model.num_latent_scales, groups_per_scale=model.groups_per_scale, fun="square"
+    )
+    return model, optimizer, alpha, args, size, channels
+
+
+def operations(model, optimizer, alpha, args, x_train, x_eval_for):
+    import torch
+    import utils
+
+    def train_step():
+        model.train()
+        optimizer.zero_grad()
+        logits, _, _, kl_all, _ = model(x_train)
+        output = model.decoder_output(logits)
+        recon = utils.reconstruction_loss(output, x_train, crop=model.crop_output)
+        balanced_kl, _, _ = utils.kl_balancer(kl_all, KL_COEFF, kl_balance=True, alpha_i=alpha)
+        loss = torch.mean(recon + balanced_kl)
+        regularizers = model.spectral_norm_parallel() + model.batchnorm_loss()
+        loss = loss + args.weight_decay_norm * regularizers
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def sample(batch, temperature):
+        model.eval()
+        return model.decoder_output(model.sample(batch, temperature)).sample()
+
+    @torch.no_grad()
+    def iw_evaluate(batch, k):
+        model.eval()
+        x = x_eval_for(batch)
+        log_w = []
+        for _ in range(k):
+            logits, log_q, log_p, _, _ = model(x)
+            output = model.decoder_output(logits)
+            log_w.append(utils.log_iw(output, x, log_q, log_p, crop=model.crop_output))
+        return torch.logsumexp(torch.stack(log_w, dim=1), dim=1) - math.log(k)
+
+    return protocol.Operations(
+        train_step=train_step,
+        sample=sample,
+        iw_evaluate=iw_evaluate,
+        count_params=lambda: sum(p.numel() for p in model.parameters()),
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nvae", required=True, help="the original NVAE's code")
+    p.add_argument("--harness", required=True, help="folder holding official_bench.py")
+    p.add_argument("--config", required=True, help="a layout name of official_bench.CONFIGS")
+    p.add_argument("--batch", type=int, required=True)
+    protocol.add_child_args(p)
+    args = p.parse_args(argv)
+    protocol.check_counts(p, args)
+    sys.path[:0] = [os.path.abspath(args.harness), os.path.abspath(args.nvae)]
+    sys.modules.setdefault("tensorboardX", types.SimpleNamespace(SummaryWriter=object))
+    import official_bench as harness
+    import torch
+    import utils
+
+    if args.config not in harness.CONFIGS:
+        p.error(f"--config must be one of {', '.join(sorted(harness.CONFIGS))}")
+    harness.patch_for_cpu()
+    model, optimizer, alpha, model_args, size, channels = build(harness, args.config)
+
+    def images(batch, seed):
+        nhwc = synthetic_images(batch, size, channels, binary=channels == 1, seed=seed)
+        nchw = torch.from_numpy(nhwc).permute(0, 3, 1, 2).contiguous()
+        return utils.pre_process(nchw, model_args.num_x_bits)
+
+    x_train = images(args.batch, 0)
+    ops = operations(model, optimizer, alpha, model_args, x_train, lambda b: images(b, 1))
+    figures = protocol.ChildFigures(
+        batch=args.batch,
+        batch_sum=float(x_train.sum()),
+        versions={"torch": torch.__version__, "python": protocol.python_version()},
+    )
+    protocol.measure(ops, figures, args)
+
+
+if __name__ == "__main__":
+    main()
