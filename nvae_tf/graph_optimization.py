@@ -45,6 +45,8 @@ def rewriter_config(base=None):
     rewrite = config.graph_options.rewrite_options
     rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.ONE
     rewrite.memory_optimization = rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+    rewrite.disable_tfg_optimizer = True  # MLIR shape inference + control-flow sinking
+    rewrite.experimental_conditional_code_motion = _OFF
     for name in _PASSES_OFF:
         setattr(rewrite, name, _OFF)
     return config

@@ -530,3 +530,29 @@ def test_update_stats_flag_reaches_every_bn_of_a_cell():
 def test_tiny_config_is_what_the_layer_tests_assume():
     c = tiny_config()
     assert c.groups_per_scale == [1, 2] and c.channels_per_scale == [16, 8]
+
+
+@pytest.mark.parametrize("axes", [(0, 1, 2), (0, 1, 3)])  # dense, depthwise
+def test_weight_normalize_gradient_matches_autodiff(axes):
+    from nvae_tf.layers.weight_norm import weight_normalize
+
+    rng = np.random.default_rng(4)
+    v = tf.constant(rng.normal(size=(3, 3, 5, 6)), tf.float32)
+    channels = 6 if axes == (0, 1, 2) else 5
+    log_g = tf.constant(rng.normal(size=(channels,)), tf.float32)
+    upstream = tf.constant(rng.normal(size=(3, 3, 5, 6)), tf.float32)
+
+    def by_formula(v, log_g):
+        shape = (1, 1, 1, -1) if axes == (0, 1, 2) else (1, 1, -1, 1)
+        norm = tf.sqrt(tf.reduce_sum(tf.square(v), axis=axes, keepdims=True))
+        return tf.reshape(tf.exp(log_g), shape) * v / (norm + 1e-5)
+
+    results = []
+    for fn in (weight_normalize, by_formula):
+        with tf.GradientTape() as tape:
+            tape.watch([v, log_g])
+            w = fn(v, log_g, axes) if fn is weight_normalize else fn(v, log_g)
+            loss = tf.reduce_sum(w * upstream)
+        results.append([w, *tape.gradient(loss, [v, log_g])])
+    for ours, reference in zip(*results):
+        np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-5, atol=1e-6)

@@ -80,7 +80,9 @@ def _fused_batch_norm(x, gamma, beta, epsilon):
     out, mean, variance = tf.compat.v1.nn.fused_batch_norm(
         x, gamma, beta, epsilon=epsilon, is_training=True
     )[:3]
-    n = tf.cast(tf.size(x) // tf.size(mean), tf.float32)
+    n = x.shape[:3].num_elements()  # static when known: no graph ops
+    if n is None:
+        n = tf.cast(tf.size(x) // tf.size(mean), tf.float32)
     return out, mean, variance * ((n - 1.0) / n)
 
 

@@ -23,6 +23,36 @@ def torch_uniform(fan_in):
     return keras.initializers.RandomUniform(-bound, bound)
 
 
+def weight_normalize(v, log_g, axes):
+    """``exp(log_g) * v / (||v|| + 1e-5)``, the norm over ``axes`` (one per output channel).
+
+    With a hand-written gradient: autodiff of the formula takes ~50 graph ops per conv, this
+    ~20, and NVAE has hundreds of convs, each weight-normalized twice per step (the forward
+    pass and the spectral regularizer). With ``s = g / (n + eps)`` and ``n = ||v||``:
+    ``dv = s * (dw - v * <dw, v> / (n * (n + eps)))`` and ``dlog_g = <dw, w>`` per channel.
+    """
+    (out_axis,) = set(range(4)) - set(axes)
+    g_shape = [1, 1, 1, 1]
+    g_shape[out_axis] = -1
+
+    @tf.custom_gradient
+    def normalize(v, log_g):
+        axes_t = tf.constant(axes)  # one constant for the three reductions
+        n = tf.sqrt(tf.reduce_sum(tf.square(v), axis=axes_t, keepdims=True))
+        n_eps = n + _NORM_EPS
+        scale = tf.reshape(tf.exp(log_g), g_shape) / n_eps
+        w = v * scale
+
+        def grad(dw):
+            dot = tf.reduce_sum(dw * v, axis=axes_t, keepdims=True)
+            dv = scale * (dw - v * (dot / (n * n_eps)))
+            return dv, tf.reshape(tf.reduce_sum(dw * w, axis=axes_t), [-1])
+
+        return w, grad
+
+    return normalize(v, log_g)
+
+
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class Conv2D(keras.layers.Layer):
     """NHWC conv with symmetric zero padding ``kernel_size // 2`` (PyTorch ``padding=k//2``).
@@ -116,9 +146,7 @@ class Conv2D(keras.layers.Layer):
         v = self._masked(tf.convert_to_tensor(self.kernel))
         if not self.weight_norm:
             return v
-        g = tf.exp(tf.convert_to_tensor(self.log_g))
-        g = tf.reshape(g, (1, 1, -1, 1) if self.depthwise else (1, 1, 1, -1))
-        return g * v / (self._kernel_norm(v) + _NORM_EPS)
+        return weight_normalize(v, tf.convert_to_tensor(self.log_g), self._norm_axes())
 
     def kernel_matrix(self):
         """Effective kernel as a (Cin/groups * kh * kw, Cout) matrix, for spectral norms.
