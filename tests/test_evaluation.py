@@ -98,6 +98,19 @@ def test_iw_estimate_masks_the_overshoot_of_the_last_chunk(k, per_pass):
     np.testing.assert_allclose(elbo, -4.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("k, per_pass, passes", [(100, 64, [50, 50]), (1000, 64, [63] * 16)])
+def test_iw_estimate_balances_its_passes(k, per_pass, passes):
+    seen = []
+
+    def recording(n, seed):
+        del seed
+        seen.append(int(n))  # eager: the loop runs in Python
+        return tf.zeros([n, 2]), tf.zeros([n, 2])
+
+    iw_estimate(recording, k, per_pass, tf.constant([0, 0]))
+    assert seen == passes
+
+
 def test_standard_error_is_the_std_over_sqrt_n():
     values = np.array([1.0, 2.0, 4.0, 7.0])
     mean, se = mean_and_standard_error(values)

@@ -20,7 +20,7 @@ def iw_estimate(sample_fn, num_samples, samples_per_pass, seed):
 
     ``sample_fn(n, seed)`` returns ``(log_w, elbo)``, each (n, B): ``n`` posterior samples per
     image with ``log_w = log p(x, z) - log q(z | x)`` and ``elbo`` that sample's ELBO term.
-    Chunks of ``samples_per_pass`` samples use seeds folded from the stateless ``seed``; the
+    Chunks of at most ``samples_per_pass`` samples, as equal as possible, use seeds folded from the stateless ``seed``; the
     last chunk may overshoot K and its surplus is masked out. Returns ``(log_likelihood,
     elbo)``, each (B,): ``logsumexp_k(log_w) - log K`` and the mean ELBO over the K samples.
     """
@@ -28,6 +28,7 @@ def iw_estimate(sample_fn, num_samples, samples_per_pass, seed):
     tf.debugging.assert_positive(k_total, message="num_samples must be positive")
     chunk = tf.clip_by_value(tf.cast(samples_per_pass, tf.int32), 1, k_total)
     num_chunks = (k_total + chunk - 1) // chunk
+    chunk = (k_total + num_chunks - 1) // num_chunks  # balanced: K=100 by 64 is 2 x 50, not 2 x 64
 
     def body(i, chunk_lse, chunk_elbo):
         log_w, elbo = sample_fn(chunk, tf.random.experimental.stateless_fold_in(seed, i))
