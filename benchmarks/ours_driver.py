@@ -3,7 +3,7 @@
 - training: the model built, compiled and its optimizer built as ``nvae-train`` does (the
   default strategy, the config's precision policy), stepped by the library's own compiled
   step (``training.distribute.make_train_step``) with the logs fetched every step;
-- sampling: ``model.sample(n, temperature)``, as ``nvae-sample`` calls it (eagerly);
+- sampling: ``model.sample(n, temperature)`` (one compiled graph, as ``nvae-sample`` runs it);
 - IW evaluation: ``model.log_likelihood(x, num_samples=K)``.
 
 No environment variables are set beyond what ``nvae-train`` itself sets.

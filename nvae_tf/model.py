@@ -72,7 +72,9 @@ class NVAE(CheckpointListsMixin, keras.Model):
         self.h = self.add_weight(
             name="h", shape=c.h_shape, initializer=keras.initializers.RandomUniform(0.0, 1.0)
         )
-        self.spectral_regularizer = SpectralRegularizer(c.num_power_iter, name="spectral")
+        self.spectral_regularizer = SpectralRegularizer(
+            c.num_power_iter, reuse_forward_kernels=c.recompute == "none", name="spectral"
+        )
         self._trackers = {name: keras.metrics.Mean(name=name) for name in TRAIN_METRICS}
         self.objective = None  # set by compile()
         # All sampling noise comes from this generator (checkpointed: exact resume); inside a

@@ -120,6 +120,43 @@ def test_gradient_reaches_kernels_not_vectors():
     assert all(g is None for g in grads[len(kernels) :])
 
 
+def _loss_and_gradients(convs, sr, variables, x):
+    def step():
+        with tf.GradientTape() as tape:
+            forward = tf.add_n([tf.reduce_sum(c(x) ** 2) for c in convs])
+            total = forward + sr()
+        return total, tape.gradient(total, variables)
+
+    return step
+
+
+def test_reusing_the_forward_kernels_changes_nothing_but_the_graph():
+    # In a traced step, the regularizer may take each conv's weight-normalized kernel from its
+    # forward call: same value, same gradients, fewer ops. Never a stale kernel from elsewhere.
+    x = tf.random.stateless_normal((2, 4, 4, 4), seed=[3, 4])
+    results, sizes = [], []
+    for reuse in (False, True):
+        convs = make_convs()
+        sr = SpectralRegularizer(reuse_forward_kernels=reuse)
+        sr.build_for(convs)
+        variables = [w for c in convs for w in c.trainable_weights]
+
+        step = tf.function(_loss_and_gradients(convs, sr, variables, x))
+        sizes.append(len(step.get_concrete_function().graph.get_operations()))
+        total, grads = step()
+        results.append([total, *grads])
+    for without, with_reuse in zip(*results):
+        # Only the summation order of the two gradient paths differs.
+        np.testing.assert_allclose(with_reuse.numpy(), without.numpy(), rtol=2e-5, atol=1e-5)
+    assert sizes[1] < sizes[0]
+    # A kernel traced in another graph is never taken (TensorFlow would refuse the tensor).
+    convs = make_convs()
+    sr = SpectralRegularizer(reuse_forward_kernels=True)
+    sr.build_for(convs)
+    tf.function(lambda: [c(x) for c in convs])()
+    assert np.isfinite(float(tf.function(sr.__call__)()))
+
+
 def test_state_is_non_trainable_and_not_duplicated_in_a_model():
     convs = make_convs()
     sr = SpectralRegularizer()

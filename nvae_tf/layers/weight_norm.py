@@ -53,6 +53,20 @@ def weight_normalize(v, log_g, axes):
     return normalize(v, log_g)
 
 
+class _LastKernel:
+    """The effective kernel of a conv's last call while tracing, and where it was traced."""
+
+    key = None
+    value = None
+
+
+def _trace_key():
+    """The graph and replica being traced (None when executing eagerly)."""
+    if tf.executing_eagerly():
+        return None
+    return (tf.compat.v1.get_default_graph(), id(tf.distribute.get_replica_context()))
+
+
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class Conv2D(keras.layers.Layer):
     """NHWC conv with symmetric zero padding ``kernel_size // 2`` (PyTorch ``padding=k//2``).
@@ -91,6 +105,7 @@ class Conv2D(keras.layers.Layer):
         self.weight_norm = bool(weight_norm)
         self.depthwise = bool(depthwise)
         self.log_g_offset = float(log_g_offset)
+        self._forward_kernel = _LastKernel()
 
     def kernel_mask(self, in_channels):
         """Multiplicative kernel mask (None = unmasked); masked subclasses override it."""
@@ -148,16 +163,24 @@ class Conv2D(keras.layers.Layer):
             return v
         return weight_normalize(v, tf.convert_to_tensor(self.log_g), self._norm_axes())
 
-    def kernel_matrix(self):
+    def kernel_matrix(self, reuse_forward=False):
         """Effective kernel as a (Cin/groups * kh * kw, Cout) matrix, for spectral norms.
 
         The transpose of PyTorch's (Cout, Cin/groups * kh * kw) weight matrix up to a column
         order (same singular values), obtained by a free reshape rather than a transpose.
+        With ``reuse_forward``, the kernel this layer's last call computed in the same graph
+        and replica is reused when there is one, so that a training step weight-normalizes each
+        kernel once (the tensor is the same, and so are the gradients through it).
         """
+        last = self._forward_kernel
+        if reuse_forward and last.key is not None and last.key == _trace_key():
+            return tf.reshape(last.value, (-1, self.filters))
         return tf.reshape(self.effective_kernel(), (-1, self.filters))
 
     def call(self, x):
-        kernel = tf.cast(self.effective_kernel(), x.dtype)
+        kernel = self.effective_kernel()
+        self._forward_kernel.key, self._forward_kernel.value = _trace_key(), kernel
+        kernel = tf.cast(kernel, x.dtype)
         p = self.kernel_size // 2
         if self.strides == 1:
             # "SAME" is the symmetric k // 2 padding here and takes oneDNN's fast kernels;

@@ -41,14 +41,19 @@ class SpectralRegularizer(CheckpointListsMixin, keras.layers.Layer):
 
     Args:
       num_power_iter: power iterations per call after the first (4 in NVAE).
+      reuse_forward_kernels: take each conv's effective kernel from its forward call in the same
+        graph (one weight normalization per conv per step instead of two). Only where the
+        forward pass is recorded normally: not under recompute, which reruns it in the
+        backward pass.
     """
 
-    def __init__(self, num_power_iter=4, **kwargs):
+    def __init__(self, num_power_iter=4, reuse_forward_kernels=False, **kwargs):
         kwargs.setdefault("dtype", "float32")  # read kernels in float32 under mixed precision
         super().__init__(**kwargs)
         if int(num_power_iter) < 1:
             raise ValueError(f"num_power_iter must be >= 1, got {num_power_iter}")
         self.num_power_iter = int(num_power_iter)
+        self.reuse_forward_kernels = bool(reuse_forward_kernels)
         self._convs = _Refs(())
         self._groups = ()
         self.u_vars, self.v_vars = [], []
@@ -115,7 +120,14 @@ class SpectralRegularizer(CheckpointListsMixin, keras.layers.Layer):
         total = tf.constant(0.0, tf.float32)
         for idx, u_var, v_var in zip(self._groups, self.u_vars, self.v_vars):
             # w_t: (layers, cols, rows) = W^T, so W^T u = w_t u and W v = w_t^T v.
-            w_t = tf.stack([tf.cast(self._convs.items[i].kernel_matrix(), tf.float32) for i in idx])
+            w_t = tf.stack(
+                [
+                    tf.cast(
+                        self._convs.items[i].kernel_matrix(self.reuse_forward_kernels), tf.float32
+                    )
+                    for i in idx
+                ]
+            )
             w_const = tf.stop_gradient(w_t)
 
             def step(i, u, v, w_const=w_const):
@@ -136,7 +148,11 @@ class SpectralRegularizer(CheckpointListsMixin, keras.layers.Layer):
         return total
 
     def get_config(self):
-        return {**super().get_config(), "num_power_iter": self.num_power_iter}
+        return {
+            **super().get_config(),
+            "num_power_iter": self.num_power_iter,
+            "reuse_forward_kernels": self.reuse_forward_kernels,
+        }
 
 
 def batchnorm_penalty(bn_layers):
