@@ -22,8 +22,10 @@ def test_rewriter_config_keeps_remapper_and_turns_off_the_rest():
     rewrite = rewrite.rewrite_options
     assert rewrite.meta_optimizer_iterations == RC.ONE
     assert rewrite.memory_optimization == RC.NO_MEM_OPT
-    assert rewrite.constant_folding == RC.OFF and rewrite.layout_optimizer == RC.OFF
+    assert rewrite.arithmetic_optimization == RC.OFF and rewrite.layout_optimizer == RC.OFF
     assert rewrite.remapping == RC.DEFAULT  # fused conv kernels: these pay
+    assert rewrite.constant_folding == RC.DEFAULT
+    assert rewrite.disable_tfg_optimizer
     assert not rewrite.disable_meta_optimizer
 
 

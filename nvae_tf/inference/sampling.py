@@ -63,8 +63,8 @@ def prior_images(
     return _prior_images(
         model,
         num_samples,
-        tf.constant(temperature, tf.float32),
-        tf.constant(decoder_temperature, tf.float32),
+        tf.cast(temperature, tf.float32),
+        tf.cast(decoder_temperature, tf.float32),
         bool(mean),
         bool(training),
         model.stateless_seed(seed),
