@@ -20,9 +20,10 @@ def iw_estimate(sample_fn, num_samples, samples_per_pass, seed):
 
     ``sample_fn(n, seed)`` returns ``(log_w, elbo)``, each (n, B): ``n`` posterior samples per
     image with ``log_w = log p(x, z) - log q(z | x)`` and ``elbo`` that sample's ELBO term.
-    Chunks of at most ``samples_per_pass`` samples, as equal as possible, use seeds folded from the stateless ``seed``; the
-    last chunk may overshoot K and its surplus is masked out. Returns ``(log_likelihood,
-    elbo)``, each (B,): ``logsumexp_k(log_w) - log K`` and the mean ELBO over the K samples.
+    Chunks of at most ``samples_per_pass`` samples, as equal as possible, use seeds folded from
+    the stateless ``seed``; the last chunk may overshoot K and its surplus is masked out.
+    Returns ``(log_likelihood, elbo)``, each (B,): ``logsumexp_k(log_w) - log K`` and the mean
+    ELBO over the K samples.
     """
     k_total = tf.cast(num_samples, tf.int32)
     tf.debugging.assert_positive(k_total, message="num_samples must be positive")

@@ -24,7 +24,7 @@ class BatchNorm(keras.layers.BatchNormalization):
 
     def call(self, inputs, training=None, update_stats=True):
         if not (training and self.trainable):
-            if len(inputs.shape) == 4 and list(self._reduction_axes) == [0, 1, 2]:
+            if self._per_channel_nhwc(inputs):
                 # One fused kernel (one pass over x) instead of Keras' multiply and add.
                 out = tf.compat.v1.nn.fused_batch_norm(
                     ops.cast(inputs, "float32"),
@@ -59,7 +59,11 @@ class BatchNorm(keras.layers.BatchNormalization):
         """One fused kernel for NHWC inputs when no statistics are shared across replicas."""
         ctx = tf.distribute.get_replica_context()
         shared = self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1
-        return not shared and len(x.shape) == 4 and list(self._reduction_axes) == [0, 1, 2]
+        return not shared and self._per_channel_nhwc(x)
+
+    def _per_channel_nhwc(self, x):
+        """4-D input normalized per channel (last axis): the layout the fused kernels take."""
+        return len(x.shape) == 4 and list(self._reduction_axes) == [0, 1, 2]
 
     def _moments(self, inputs, mask):
         # Keras' synchronized moments take var = E[x^2] - E[x]^2 in one float32 pass, which

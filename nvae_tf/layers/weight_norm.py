@@ -23,12 +23,16 @@ def torch_uniform(fan_in):
     return keras.initializers.RandomUniform(-bound, bound)
 
 
+def kernel_norm(kernel, axes):
+    """L2 norm of ``kernel`` over ``axes``, kept as size-1 dimensions."""
+    return tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=axes, keepdims=True))
+
+
 def weight_normalize(v, log_g, axes):
     """``exp(log_g) * v / (||v|| + 1e-5)``, the norm over ``axes`` (one per output channel).
 
     With a hand-written gradient: autodiff of the formula takes ~50 graph ops per conv, this
-    ~20, and NVAE has hundreds of convs, each weight-normalized twice per step (the forward
-    pass and the spectral regularizer). With ``s = g / (n + eps)`` and ``n = ||v||``:
+    ~20, and NVAE has hundreds of convs, weight-normalized every step. With ``s = g / (n + eps)`` and ``n = ||v||``:
     ``dv = s * (dw - v * <dw, v> / (n * (n + eps)))`` and ``dlog_g = <dw, w>`` per channel.
     """
     (out_axis,) = set(range(4)) - set(axes)
@@ -38,7 +42,7 @@ def weight_normalize(v, log_g, axes):
     @tf.custom_gradient
     def normalize(v, log_g):
         axes_t = tf.constant(axes)  # one constant for the three reductions
-        n = tf.sqrt(tf.reduce_sum(tf.square(v), axis=axes_t, keepdims=True))
+        n = kernel_norm(v, axes_t)
         n_eps = n + _NORM_EPS
         scale = tf.reshape(tf.exp(log_g), g_shape) / n_eps
         w = v * scale
@@ -142,7 +146,8 @@ class Conv2D(keras.layers.Layer):
         """log(||v_init|| + 0.01): the effective kernel starts equal to the raw init."""
         with tf.init_scope():  # eager even when Keras builds inside a scratch graph
             norm = tf.reshape(
-                self._kernel_norm(self._masked(tf.convert_to_tensor(self.kernel))), (-1,)
+                kernel_norm(self._masked(tf.convert_to_tensor(self.kernel)), self._norm_axes()),
+                (-1,),
             )
             return tf.cast(tf.math.log(norm + 0.01) + self.log_g_offset, dtype or "float32")
 
@@ -152,9 +157,6 @@ class Conv2D(keras.layers.Layer):
     def _norm_axes(self):
         # Per output channel: over (kh, kw, Cin) for dense kernels, over (kh, kw) for depthwise.
         return (0, 1, 3) if self.depthwise else (0, 1, 2)
-
-    def _kernel_norm(self, kernel):
-        return tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=self._norm_axes(), keepdims=True))
 
     def effective_kernel(self):
         """The kernel actually convolved, in float32 (masked, then weight-normalized)."""

@@ -74,10 +74,9 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        sizes = [int(v.shape.num_elements()) for v in var_list]
-        self._flat_sizes = sizes
-        self._m = self.add_variable((sum(sizes),), initializer="zeros", name="momentum")
-        self._u = self.add_variable((sum(sizes),), initializer="zeros", name="norm")
+        size = sum(int(v.shape.num_elements()) for v in var_list)
+        self._m = self.add_variable((size,), initializer="zeros", name="momentum")
+        self._u = self.add_variable((size,), initializer="zeros", name="norm")
 
     def _clip_gradients(self, grads):
         """Sum over replicas, then clip the total (Keras' TF backend does it the other way)."""
@@ -102,10 +101,9 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         and to optimize) and runs as a few large kernels instead of thousands of tiny ones.
         Under ``tf.distribute`` it runs once per device on that device's copies.
         """
-        index = {self._var_key(v): i for i, v in enumerate(self._trainable_variables)}
-        grads = [None] * len(self._flat_sizes)
+        grads = [None] * len(self._trainable_variables)
         for grad, var in grads_and_vars:
-            grads[index[self._var_key(var)]] = grad
+            grads[self._get_variable_index(var)] = grad
         variables = [
             v.value if isinstance(v, keras.Variable) else v for v in self._trainable_variables
         ]
@@ -118,7 +116,7 @@ class NVAEAdamax(keras.optimizers.Optimizer):
 
     def _flat_update(self, m, u, grads, variables, learning_rate):
         dtype = m.dtype
-        shapes = [v.shape for v in variables]
+        sizes = [int(v.shape.num_elements()) for v in variables]
         # A variable without a gradient keeps its value and slots (as Keras skips it).
         present = [g is not None for g in grads]
         g = tf.concat(
@@ -126,7 +124,7 @@ class NVAEAdamax(keras.optimizers.Optimizer):
                 tf.reshape(tf.cast(grad, dtype), [-1])
                 if grad is not None
                 else tf.zeros([size], dtype)
-                for grad, size in zip(grads, self._flat_sizes)
+                for grad, size in zip(grads, sizes)
             ],
             0,
         )
@@ -137,9 +135,7 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         new_m = b1 * m + (1.0 - b1) * g
         new_u = tf.maximum(tf.cast(self.beta_2, dtype) * u, tf.abs(g) + self.epsilon)
         if not all(present):
-            keep = tf.concat(
-                [tf.fill([size], not ok) for ok, size in zip(present, self._flat_sizes)], 0
-            )
+            keep = tf.concat([tf.fill([size], not ok) for ok, size in zip(present, sizes)], 0)
             new_m = tf.where(keep, m, new_m)
             new_u = tf.where(keep, u, new_u)
         t = tf.cast(self.iterations + 1, dtype)
@@ -147,11 +143,9 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         delta = step_size * new_m / new_u
         m.assign(new_m)
         u.assign(new_u)
-        for variable, shape, d, ok in zip(
-            variables, shapes, tf.split(delta, self._flat_sizes), present
-        ):
+        for variable, d, ok in zip(variables, tf.split(delta, sizes), present):
             if ok:
-                variable.assign_sub(tf.cast(tf.reshape(d, shape), variable.dtype))
+                variable.assign_sub(tf.cast(tf.reshape(d, variable.shape), variable.dtype))
 
     def get_config(self):
         config = super().get_config()
