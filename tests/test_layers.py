@@ -12,7 +12,7 @@ from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.layers.combiners import DecoderCombiner, EncoderCombiner
 from nvae_tf.layers.depthwise import depthwise_conv2d_same
 from nvae_tf.layers.latent_group import LatentGroup
-from nvae_tf.layers.normalization import BatchNorm, BNSwish
+from nvae_tf.layers.normalization import BatchNorm, BNSwish, fused_batch_norm_train
 from nvae_tf.layers.recompute import run_cells
 from nvae_tf.layers.skips import FactorizedReduce, UpSkip
 from nvae_tf.layers.squeeze_excitation import SqueezeExcitation
@@ -463,24 +463,28 @@ def test_batchnorm_update_matches_pytorch_momentum_and_epsilon():
     np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_single_replica_batchnorm_is_exact():
-    """One replica uses the fused kernel: output, gradients and stats match a float64 reference."""
+@pytest.mark.parametrize("swish", [False, True])
+def test_fused_single_replica_batchnorm_is_exact(swish):
+    """One replica uses the fused kernel and its hand-written gradient (BN, or BN + Swish
+    with the Swish input recomputed): output, gradients and stats match a float64 reference."""
     x = randn(4, 5, 5, 3) + 100.0  # |mean| / std = 100: one-pass moments lose digits here
     bn = BatchNorm()
     bn.build(x.shape)
     bn.gamma.assign([0.5, 1.0, 2.0])
+    bn.beta.assign([0.1, -0.3, 0.2])
     assert bn._fusable(x)
 
     def reference(x, gamma, beta):  # float64, centred before the moments
         x = tf.cast(x, tf.float64) - 100.0
         mean, var = tf.nn.moments(x, [0, 1, 2])
-        return tf.nn.batch_normalization(
+        y = tf.nn.batch_normalization(
             x, mean, var, tf.cast(beta, tf.float64), tf.cast(gamma, tf.float64), 1e-5
-        ), var
+        )
+        return (y * tf.sigmoid(y) if swish else y), var
 
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
-        y = bn(x, training=True)
+        y = bn(x, training=True, swish=swish)
         y_ref, var = reference(x, bn.gamma, bn.beta)
         losses = [tf.reduce_sum(tf.sin(y)), tf.reduce_sum(tf.sin(y_ref))]
     got, want = (tape.gradient(loss, [x, bn.gamma, bn.beta]) for loss in losses)
@@ -488,6 +492,28 @@ def test_fused_single_replica_batchnorm_is_exact():
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(bn.moving_variance, 0.95 + 0.05 * var, rtol=1e-6)
+
+
+def test_fused_bn_swish_gradient_matches_autodiff_in_a_graph():
+    """The hand-written BN + Swish gradient equals autodiff of fused BN then Keras' silu, to
+    rounding, inside tf.function (where the step runs) and with a non-trivial upstream."""
+    x = randn(8, 6, 6, 5) * 2.0 + 0.5
+    gamma, beta = tf.constant(RNG.uniform(0.5, 1.5, 5).astype("float32")), randn(5)
+
+    @tf.function
+    def grads(custom):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            if custom:
+                y = fused_batch_norm_train(x, gamma, beta, 1e-5, swish=True)[0]
+            else:
+                y = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=1e-5)[0]
+                y = keras.activations.silu(y)
+            loss = tf.reduce_sum(tf.cos(y) * x)
+        return tape.gradient(loss, [x, gamma, beta])
+
+    for a, b in zip(grads(True), grads(False)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("layer_type", [BatchNorm, BNSwish])

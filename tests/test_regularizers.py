@@ -379,3 +379,20 @@ def test_batchnorm_penalty():
     assert penalty.dtype == tf.float32
     np.testing.assert_allclose(float(penalty), expected, rtol=1e-6)
     assert float(batchnorm_penalty([])) == 0.0
+
+
+def test_batchnorm_penalty_gradient_matches_per_layer_maxima():
+    """The one-segment-max form has the per-layer form's gradient: the sign at each layer's
+    largest |gamma|, split evenly between ties, zero elsewhere."""
+    layers = [keras.layers.BatchNormalization() for _ in range(3)]
+    for bn, gamma in zip(layers, ([0.5, -2.0, 1.0], [1.5, 1.5, -0.2, 0.1], [0.3])):
+        bn.build((None, 2, 2, len(gamma)))
+        bn.gamma.assign(gamma)
+    variables = [bn.gamma for bn in layers]
+    with tf.GradientTape(persistent=True) as tape:
+        batched = batchnorm_penalty(layers)
+        per_layer = tf.add_n([tf.reduce_max(tf.abs(v)) for v in variables])
+    np.testing.assert_allclose(float(batched), float(per_layer), rtol=1e-7)
+    for got, want in zip(tape.gradient(batched, variables), tape.gradient(per_layer, variables)):
+        np.testing.assert_allclose(got, want, rtol=1e-7)
+    np.testing.assert_allclose(tape.gradient(batched, variables)[1], [0.5, 0.5, 0.0, 0.0])

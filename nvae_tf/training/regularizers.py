@@ -13,6 +13,7 @@ and a read in cross-replica context (checkpointing) takes replica 0's value.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from nvae_tf.layers.tracking import CheckpointListsMixin
@@ -156,10 +157,17 @@ class SpectralRegularizer(CheckpointListsMixin, keras.layers.Layer):
 
 
 def batchnorm_penalty(bn_layers):
-    """``sum over BN layers of max_c |gamma_c|`` (float32); layers without a scale are skipped."""
-    terms = [
-        tf.reduce_max(tf.abs(tf.cast(layer.gamma, tf.float32)))
+    """``sum over BN layers of max_c |gamma_c|`` (float32); layers without a scale are skipped.
+
+    All scales go through one concatenation and one segment max: per-layer reductions cost
+    ~10 graph ops per layer with their gradients, ~2,000 in a paper config's step.
+    """
+    gammas = [
+        tf.cast(layer.gamma, tf.float32)
         for layer in bn_layers
         if getattr(layer, "gamma", None) is not None
     ]
-    return tf.add_n(terms) if terms else tf.constant(0.0, tf.float32)
+    if not gammas:
+        return tf.constant(0.0, tf.float32)
+    segments = np.repeat(np.arange(len(gammas)), [int(g.shape[0]) for g in gammas])
+    return tf.reduce_sum(tf.math.segment_max(tf.abs(tf.concat(gammas, 0)), segments))
