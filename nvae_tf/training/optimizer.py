@@ -129,18 +129,15 @@ class NVAEAdamax(keras.optimizers.Optimizer):
             0,
         )
         p = tf.concat([tf.reshape(tf.cast(v, dtype), [-1]) for v in variables], 0)
-        if self.l2_decay:
-            g = g + tf.cast(self.l2_decay, dtype) * p
         b1 = tf.cast(self.beta_1, dtype)
-        new_m = b1 * m + (1.0 - b1) * g
-        new_u = tf.maximum(tf.cast(self.beta_2, dtype) * u, tf.abs(g) + self.epsilon)
+        t = tf.cast(self.iterations + 1, dtype)
+        step_size = tf.cast(learning_rate, dtype) / (1.0 - tf.pow(b1, t))
+        hyper = tf.cast([self.l2_decay, self.beta_1, self.beta_2, self.epsilon], dtype)
+        new_m, new_u, delta = adamax_moments_and_delta(g, p, m, u, hyper, step_size)
         if not all(present):
             keep = tf.concat([tf.fill([size], not ok) for ok, size in zip(present, sizes)], 0)
             new_m = tf.where(keep, m, new_m)
             new_u = tf.where(keep, u, new_u)
-        t = tf.cast(self.iterations + 1, dtype)
-        step_size = tf.cast(learning_rate, dtype) / (1.0 - tf.pow(b1, t))
-        delta = step_size * new_m / new_u
         m.assign(new_m)
         u.assign(new_u)
         for variable, d, ok in zip(variables, tf.split(delta, sizes), present):
@@ -159,3 +156,17 @@ class NVAEAdamax(keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+@tf.function(jit_compile=True)
+def adamax_moments_and_delta(g, p, m, u, hyper, step_size):
+    """The elementwise part of the update on flat vectors, compiled by XLA: its fusion makes
+    it one pass over memory instead of ~12 (~100 ms of a paper-config CPU step).
+
+    ``hyper`` is ``[l2_decay, beta_1, beta_2, epsilon]``. Returns ``(m, u, delta)``.
+    """
+    l2_decay, b1, b2, eps = tf.unstack(hyper)
+    g = g + l2_decay * p
+    new_m = b1 * m + (1.0 - b1) * g
+    new_u = tf.maximum(b2 * u, tf.abs(g) + eps)
+    return new_m, new_u, step_size * new_m / new_u
