@@ -336,6 +336,14 @@ def test_cell_op_order_follows_spec():
     np.testing.assert_allclose(got, x + 0.1 * y.numpy(), rtol=1e-5, atol=1e-5)
 
     up = DecoderCell(6, upsample=True, use_se=False)
+    up(x, training=False)  # build
+    # Non-trivial statistics and affine weights: inference folds every BN into a conv.
+    for bn in [l for l in up._flatten_layers() if isinstance(l, BatchNorm)]:
+        c = bn.gamma.shape[0]
+        bn.gamma.assign(RNG.uniform(0.5, 1.5, c).astype("float32"))
+        bn.beta.assign(RNG.uniform(-0.5, 0.5, c).astype("float32"))
+        bn.moving_mean.assign(RNG.uniform(-1.0, 1.0, c).astype("float32"))
+        bn.moving_variance.assign(RNG.uniform(0.2, 3.0, c).astype("float32"))
     got = up(x, training=False)
     # Nearest x2 up-sampling FIRST, then BN, 1x1, BN-Swish, dw 5x5, BN-Swish, 1x1, BN.
     y = np.repeat(np.repeat(x.numpy(), 2, axis=1), 2, axis=2)

@@ -61,6 +61,15 @@ class BatchNorm(keras.layers.BatchNormalization):
         )[0]
         return ops.cast(out, self.compute_dtype)
 
+    def affine(self):
+        """Inference-mode BN as ``x * scale + shift`` per channel (float32), for folding it
+        into a neighbouring convolution."""
+        scale = self._float32_or(self.gamma, 1.0) * tf.math.rsqrt(
+            ops.cast(self.moving_variance, "float32") + self.epsilon
+        )
+        shift = self._float32_or(self.beta, 0.0) - ops.cast(self.moving_mean, "float32") * scale
+        return scale, shift
+
     def _float32_or(self, weight, default):
         if weight is None:  # scale=False / center=False
             return tf.fill(tf.shape(self.moving_mean), default)
