@@ -133,10 +133,18 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         t = tf.cast(self.iterations + 1, dtype)
         step_size = tf.cast(learning_rate, dtype) / (1.0 - tf.pow(b1, t))
         hyper = tf.cast([self.l2_decay, self.beta_1, self.beta_2, self.epsilon], dtype)
-        keep = None
+        # Tensors in and out: variables passed into a tf.function that was traced for other
+        # variables were seen to go unassigned under tf.distribute (the second model trained in
+        # one process kept u = 0), so the slots are read before and assigned after.
+        new_m, new_u, delta = adamax_moments_and_delta(
+            g, p, tf.convert_to_tensor(m), tf.convert_to_tensor(u), hyper, step_size
+        )
         if not all(present):
             keep = tf.concat([tf.fill([size], not ok) for ok, size in zip(present, sizes)], 0)
-        delta = adamax_update_moments(g, p, m, u, hyper, step_size, keep)
+            new_m = tf.where(keep, m, new_m)
+            new_u = tf.where(keep, u, new_u)
+        m.assign(new_m)
+        u.assign(new_u)
         for variable, d, ok in zip(variables, tf.split(delta, sizes), present):
             if ok:
                 variable.assign_sub(tf.cast(tf.reshape(d, variable.shape), variable.dtype))
@@ -156,21 +164,15 @@ class NVAEAdamax(keras.optimizers.Optimizer):
 
 
 @tf.function(jit_compile=True)
-def adamax_update_moments(g, p, m, u, hyper, step_size, keep=None):
+def adamax_moments_and_delta(g, p, m, u, hyper, step_size):
     """The elementwise part of the update on flat vectors, compiled by XLA: its fusion makes
-    it one pass over memory instead of ~12 (~100 ms of a paper-config CPU step), and the slot
-    variables ``m`` and ``u`` are updated in place.
+    it one pass over memory instead of ~12 (~100 ms of a paper-config CPU step).
 
-    ``hyper`` is ``[l2_decay, beta_1, beta_2, epsilon]``; where ``keep`` (bool, optional) is
-    true the slots keep their values. Returns the step ``delta`` to subtract from ``p``.
+    ``hyper`` is ``[l2_decay, beta_1, beta_2, epsilon]``. Returns the new ``m``, ``u`` and the
+    step ``delta`` to subtract from ``p``.
     """
     l2_decay, b1, b2, eps = tf.unstack(hyper)
     g = g + l2_decay * p
     new_m = b1 * m + (1.0 - b1) * g
     new_u = tf.maximum(b2 * u, tf.abs(g) + eps)
-    delta = step_size * new_m / new_u
-    if keep is not None:
-        new_m, new_u = tf.where(keep, m, new_m), tf.where(keep, u, new_u)
-    m.assign(new_m)
-    u.assign(new_u)
-    return delta
+    return new_m, new_u, step_size * new_m / new_u
