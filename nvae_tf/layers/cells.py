@@ -11,7 +11,7 @@ import tensorflow as tf
 from nvae_tf.layers.normalization import BatchNorm, BNSwish
 from nvae_tf.layers.skips import FactorizedReduce, UpSkip
 from nvae_tf.layers.squeeze_excitation import SqueezeExcitation
-from nvae_tf.layers.weight_norm import Conv2D
+from nvae_tf.layers.weight_norm import Conv2D, pointwise_conv2d
 
 RESIDUAL_SCALE = 0.1  # fixed, not learned (docs/design.md#cells)
 CHANNEL_MULT = 2
@@ -139,18 +139,16 @@ class DecoderCell(_ResidualCell):
         depthwise = self.depthwise.effective_kernel() * scale_2[:, None]
         project = self.project.effective_kernel() * scale_out
 
-        def conv_swish(y, kernel, bias, conv):
-            y = tf.nn.bias_add(conv(y, tf.cast(kernel, dtype)), tf.cast(bias, dtype))
+        def swish(y):
             return y * tf.sigmoid(y)  # written out for Grappler's remapper (see BNSwish)
 
-        y = conv_swish(
-            x, expand[None, None], expand_bias, lambda y, k: tf.nn.conv2d(y, k, 1, "SAME")
-        )
-        y = conv_swish(
-            y, depthwise, shift_2, lambda y, k: tf.nn.depthwise_conv2d(y, k, (1,) * 4, "SAME")
-        )
-        y = tf.nn.conv2d(y, tf.cast(project, dtype), 1, "SAME")
-        return tf.nn.bias_add(y, tf.cast(shift_out, dtype))
+        def cast(t):
+            return tf.cast(t, dtype)
+
+        y = swish(pointwise_conv2d(x, cast(expand), cast(expand_bias)))
+        y = tf.nn.depthwise_conv2d(y, cast(depthwise), (1, 1, 1, 1), "SAME")
+        y = swish(tf.nn.bias_add(y, cast(shift_2)))
+        return pointwise_conv2d(y, cast(project), cast(shift_out))
 
     def skip(self, x):
         return self.up_skip(x) if self.upsample else x
