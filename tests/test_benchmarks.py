@@ -315,3 +315,16 @@ def test_a_sitting_of_ours_on_the_small_config_writes_every_figure(tmp_path):
         "iw_images_per_s",
         "peak_rss_mb",
     }
+
+
+def test_pointwise_conv_benchmark_times_both_forms(capsys):
+    """``benchmarks/pointwise_conv.py`` (the figure behind ``pointwise_conv2d``) runs and
+    reports both timings and their ratio for every shape."""
+    import pointwise_conv
+
+    pointwise_conv.main(["--batch", "1", "--calls", "1"])
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert len(rows) == len(pointwise_conv.SHAPES)
+    for row in rows:
+        conv_ms, matmul_ms, speedup = row.split()[-3:]
+        assert float(conv_ms) > 0 and float(matmul_ms) > 0 and speedup.endswith("x")

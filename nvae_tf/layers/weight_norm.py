@@ -59,8 +59,9 @@ def weight_normalize(v, log_g, axes):
 
 def pointwise_conv2d(x, kernel, bias=None):
     """A 1x1, stride-1 convolution (+ ``bias``) as one matrix product over the flattened
-    pixels: the same sums, 1.04-1.35x faster forward + backward than oneDNN's 1x1 conv on
-    NVAE's CPU shapes. The bias is added before the reshape, where Grappler fuses it."""
+    pixels: the same sums, mostly 1.0-1.2x faster forward + backward than oneDNN's 1x1 conv
+    on NVAE's CPU shapes (``benchmarks/pointwise_conv.py``). The bias is added before the
+    reshape, where Grappler fuses it."""
     cin, cout = kernel.shape[-2], kernel.shape[-1]
     y = tf.matmul(tf.reshape(x, [-1, cin]), tf.reshape(kernel, [cin, cout]))
     if bias is not None:
