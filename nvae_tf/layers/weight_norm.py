@@ -32,8 +32,9 @@ def weight_normalize(v, log_g, axes):
     """``exp(log_g) * v / (||v|| + 1e-5)``, the norm over ``axes`` (one per output channel).
 
     With a hand-written gradient: autodiff of the formula takes ~50 graph ops per conv, this
-    ~20, and NVAE has hundreds of convs, weight-normalized every step. With ``s = g / (n + eps)`` and ``n = ||v||``:
-    ``dv = s * (dw - v * <dw, v> / (n * (n + eps)))`` and ``dlog_g = <dw, w>`` per channel.
+    ~20, and NVAE has hundreds of convs, weight-normalized every step. With
+    ``s = g / (n + eps)`` and ``n = ||v||``: ``dv = s * (dw - v * <dw, v> / (n * (n + eps)))``
+    and ``dlog_g = <dw, w>`` per channel.
     """
     (out_axis,) = set(range(4)) - set(axes)
     g_shape = [1, 1, 1, 1]

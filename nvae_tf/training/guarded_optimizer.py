@@ -42,6 +42,7 @@ class GuardedOptimizer(keras.optimizers.LossScaleOptimizer):
             **kwargs,
         )
         self.dynamic = bool(dynamic)
+        self._known_global_norm = None  # set for the duration of one ``apply``
 
     def build(self, var_list):
         if self.built:
@@ -84,7 +85,7 @@ class GuardedOptimizer(keras.optimizers.LossScaleOptimizer):
         # One test of the global norm instead of Keras' two ops per gradient (thousands of graph
         # ops here): any NaN or Inf makes it non-finite, as does a norm beyond float32's range
         # (~1.8e19), a step that would have to be skipped anyway.
-        norm = getattr(self, "_known_global_norm", None)
+        norm = self._known_global_norm
         if norm is None:
             norm = tf.linalg.global_norm([g for g in grads if g is not None])
         finite = tf.math.is_finite(norm)
