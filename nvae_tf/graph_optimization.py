@@ -75,10 +75,13 @@ def function(fn=None, **kwargs):
 
     Every call, not only the first: TensorFlow keys a function's optimized instantiation by its
     options, so a call with other options would optimize the graph again. Works on functions
-    and, like ``tf.function``, on methods.
+    and, like ``tf.function``, on methods. AutoGraph is off unless asked for: NVAE's traced
+    code writes its control flow with ``tf.cond``/``tf.while_loop``, and converting it cost
+    ~2 s of the MNIST step's tracing.
     """
     if fn is None:
         return functools.partial(function, **kwargs)
+    kwargs.setdefault("autograph", False)
     return _LeanFunction(tf.function(fn, **kwargs))
 
 

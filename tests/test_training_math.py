@@ -92,25 +92,34 @@ def test_adamax_matches_numpy_reference(l2_decay):
 
 
 def test_adamax_variable_without_gradient_keeps_value_and_slots():
-    # One flat update covers all variables; one left out of a step must not move (as in Keras).
+    # One update covers all variables of a shape; one left out of a step must not move (as in
+    # Keras), nor its slots, while its same-shape neighbour's do.
     params, grads = random_params_and_grads(3)
+    params.append(params[0] + 1.0)  # same shape as params[0]: the same slot stack
+    grads = [[*g, g[0] * 0.5] for g in grads]
     opt = NVAEAdamax(learning_rate=1e-2, l2_decay=0.05)
     variables = [tf.Variable(p) for p in params]
+
+    def slots():
+        return [v.numpy() for v in opt.variables if v.name.startswith(("momentum", "norm"))]
+
     opt.apply([tf.constant(g) for g in grads[0]], variables)
-    slots = [v.numpy() for v in opt.variables if v.name in ("momentum", "norm")]
-    opt.apply([tf.constant(grads[1][0])], variables[:1])
+    before = slots()
+    opt.apply([tf.constant(grads[1][0]), tf.constant(grads[1][1])], variables[:2])
+    after = slots()
     np.testing.assert_array_equal(
-        variables[1].numpy(),
-        run_keras(NVAEAdamax(1e-2, l2_decay=0.05), params[1:], [grads[0][1:]])[0],
+        variables[2].numpy(),
+        run_keras(NVAEAdamax(1e-2, l2_decay=0.05), params[2:], [grads[0][2:]])[0],
     )
     want = numpy_adamax(params[:1], lambda t, p: [grads[t][0]], [1e-2] * 2, 0.05)
     np.testing.assert_allclose(variables[0].numpy(), want[0], rtol=1e-5, atol=1e-7)
-    size0 = params[0].size
-    for before, after in zip(
-        slots, [v.numpy() for v in opt.variables if v.name in ("momentum", "norm")]
-    ):
-        np.testing.assert_array_equal(before[size0:], after[size0:])
-        assert np.abs(before[:size0] - after[:size0]).max() > 0
+    assert len(before) == 4  # m and u for the two shapes
+    for b, a in zip(before, after):
+        if b.ndim == 3:  # the (3, 4) stack: [params[0], params[2]]
+            np.testing.assert_array_equal(b[1], a[1])
+            assert np.abs(b[0] - a[0]).max() > 0
+        else:
+            assert np.abs(b - a).max() > 0
 
 
 def test_adamax_differs_from_keras_adamax():

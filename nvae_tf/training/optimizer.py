@@ -69,14 +69,20 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         return super()._get_current_learning_rate()
 
     def build(self, var_list):
-        """Create the first-moment ``m`` and infinity-norm ``u`` slots (zeros), one flat vector
-        each over all variables in ``var_list`` order (see ``_distributed_tf_update_step``)."""
+        """Create the first-moment ``m`` and infinity-norm ``u`` slots (zeros): one pair per
+        shape, each slot the stack of that shape's variables (see ``_grouped_update``)."""
         if self.built:
             return
         super().build(var_list)
-        size = sum(int(v.shape.num_elements()) for v in var_list)
-        self._m = self.add_variable((size,), initializer="zeros", name="momentum")
-        self._u = self.add_variable((size,), initializer="zeros", name="norm")
+        groups = {}
+        for i, v in enumerate(var_list):
+            groups.setdefault(tuple(v.shape), []).append(i)
+        self._shape_groups = list(groups.values())
+        self._m, self._u = [], []
+        for j, indices in enumerate(self._shape_groups):
+            shape = (len(indices), *var_list[indices[0]].shape)
+            self._m.append(self.add_variable(shape, initializer="zeros", name=f"momentum_{j}"))
+            self._u.append(self.add_variable(shape, initializer="zeros", name=f"norm_{j}"))
 
     def _clip_gradients(self, grads):
         """Sum over replicas, then clip the total (Keras' TF backend does it the other way)."""
@@ -94,12 +100,13 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         return list(grads_and_vars)
 
     def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
-        """The update of the class docstring for all variables at once, on flat vectors.
+        """The update of the class docstring for all variables at once, shape by shape.
 
         Keras updates variable by variable (~30 graph ops each); NVAE has over a thousand
-        variables, so one update on the concatenation is a much smaller graph (faster to trace
-        and to optimize) and runs as a few large kernels instead of thousands of tiny ones.
-        Under ``tf.distribute`` it runs once per device on that device's copies.
+        variables of a few dozen shapes, so updating stacks of same-shape variables is a much
+        smaller graph (faster to trace and to optimize) and runs as a few large kernels instead
+        of thousands of tiny ones. Under ``tf.distribute`` it runs once per device on that
+        device's copies.
         """
         grads = [None] * len(self._trainable_variables)
         for grad, var in grads_and_vars:
@@ -107,47 +114,44 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         variables = [
             v.value if isinstance(v, keras.Variable) else v for v in self._trainable_variables
         ]
+        slots = [v.value for v in self._m + self._u]
         distribution.extended.update(
-            self._m.value,
-            self._flat_update,
-            args=(self._u.value, grads, variables, learning_rate),
+            slots[0], self._grouped_update, args=(slots, grads, variables, learning_rate),
             group=False,
-        )
+        )  # fmt: skip
 
-    def _flat_update(self, m, u, grads, variables, learning_rate):
-        dtype = m.dtype
-        sizes = [int(v.shape.num_elements()) for v in variables]
-        # A variable without a gradient keeps its value and slots (as Keras skips it).
-        present = [g is not None for g in grads]
-        g = tf.concat(
-            [
-                tf.reshape(tf.cast(grad, dtype), [-1])
-                if grad is not None
-                else tf.zeros([size], dtype)
-                for grad, size in zip(grads, sizes)
-            ],
-            0,
-        )
-        p = tf.concat([tf.reshape(tf.cast(v, dtype), [-1]) for v in variables], 0)
+    def _grouped_update(self, _, slots, grads, variables, learning_rate):
+        """The update on one device: ``slots`` are all ``m`` then all ``u``, one per shape
+        group (``_`` is the first of them, the variable ``update`` was called for)."""
+        m_slots, u_slots = slots[: len(self._m)], slots[len(self._m) :]
+        dtype = m_slots[0].dtype
         b1 = tf.cast(self.beta_1, dtype)
+        b2 = tf.cast(self.beta_2, dtype)
+        eps = tf.cast(self.epsilon, dtype)
+        l2_decay = tf.cast(self.l2_decay, dtype)
         t = tf.cast(self.iterations + 1, dtype)
         step_size = tf.cast(learning_rate, dtype) / (1.0 - tf.pow(b1, t))
-        hyper = tf.cast([self.l2_decay, self.beta_1, self.beta_2, self.epsilon], dtype)
-        # Tensors in and out: variables passed into a tf.function that was traced for other
-        # variables were seen to go unassigned under tf.distribute (the second model trained in
-        # one process kept u = 0), so the slots are read before and assigned after.
-        new_m, new_u, delta = adamax_moments_and_delta(
-            g, p, tf.convert_to_tensor(m), tf.convert_to_tensor(u), hyper, step_size
-        )
-        if not all(present):
-            keep = tf.concat([tf.fill([size], not ok) for ok, size in zip(present, sizes)], 0)
-            new_m = tf.where(keep, m, new_m)
-            new_u = tf.where(keep, u, new_u)
-        m.assign(new_m)
-        u.assign(new_u)
-        for variable, d, ok in zip(variables, tf.split(delta, sizes), present):
-            if ok:
-                variable.assign_sub(tf.cast(tf.reshape(d, variable.shape), variable.dtype))
+        for indices, m, u in zip(self._shape_groups, m_slots, u_slots):
+            shape = variables[indices[0]].shape
+            # A variable without a gradient is left out of the step: its value and slots stay.
+            missing = [grads[i] is None for i in indices]
+            g = tf.stack(
+                [tf.zeros(shape, dtype) if grads[i] is None else tf.cast(grads[i], dtype)
+                 for i in indices]
+            )  # fmt: skip
+            p = tf.stack([tf.cast(variables[i], dtype) for i in indices])
+            g = g + l2_decay * p
+            new_m = b1 * m + (1.0 - b1) * g
+            new_u = tf.maximum(b2 * u, tf.abs(g) + eps)
+            if any(missing):
+                keep = tf.reshape(tf.constant(missing), [-1] + [1] * len(shape))
+                new_m, new_u = tf.where(keep, m, new_m), tf.where(keep, u, new_u)
+            m.assign(new_m)
+            u.assign(new_u)
+            delta = step_size * new_m / new_u
+            for i, d in zip(indices, tf.unstack(delta, num=len(indices))):
+                if grads[i] is not None:
+                    variables[i].assign_sub(tf.cast(d, variables[i].dtype))
 
     def get_config(self):
         config = super().get_config()
@@ -161,18 +165,3 @@ class NVAEAdamax(keras.optimizers.Optimizer):
             }
         )
         return config
-
-
-@tf.function(jit_compile=True)
-def adamax_moments_and_delta(g, p, m, u, hyper, step_size):
-    """The elementwise part of the update on flat vectors, compiled by XLA: its fusion makes
-    it one pass over memory instead of ~12 (~100 ms of a paper-config CPU step).
-
-    ``hyper`` is ``[l2_decay, beta_1, beta_2, epsilon]``. Returns the new ``m``, ``u`` and the
-    step ``delta`` to subtract from ``p``.
-    """
-    l2_decay, b1, b2, eps = tf.unstack(hyper)
-    g = g + l2_decay * p
-    new_m = b1 * m + (1.0 - b1) * g
-    new_u = tf.maximum(b2 * u, tf.abs(g) + eps)
-    return new_m, new_u, step_size * new_m / new_u
