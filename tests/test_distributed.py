@@ -184,8 +184,9 @@ def _worker(out_path):  # pragma: no cover - runs in the subprocess
         "moving_mean": bn.moving_mean.numpy().tolist(),
         "moving_variance": bn.moving_variance.numpy().tolist(),
         "global_mean_update": (0.05 * whole.mean(axis=(0, 1, 2))).tolist(),
-        "global_var_update": (0.95 + 0.05 * whole.var(axis=(0, 1, 2))).tolist(),
-        "local_var_update": (0.95 + 0.05 * local_var).tolist(),
+        # Bessel-corrected over the 96 values per channel of the global batch (PyTorch's BN).
+        "global_var_update": (0.95 + 0.05 * whole.var(axis=(0, 1, 2), ddof=1)).tolist(),
+        "local_var_update": (0.95 + 0.05 * local_var * 48 / 47).tolist(),
     }
 
     # --- one train step: 1 device, global batch 8 vs 2 replicas x 4 -----------------------------

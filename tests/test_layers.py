@@ -464,11 +464,25 @@ def test_batchnorm_update_matches_pytorch_momentum_and_epsilon():
     mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
     np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(bn.moving_mean, 0.05 * mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(bn.moving_variance, 0.95 + 0.05 * var, rtol=1e-5)
+    # The moving variance takes the unbiased batch variance, as PyTorch's BN: 100 values.
+    np.testing.assert_allclose(bn.moving_variance, 0.95 + 0.05 * var * 100 / 99, rtol=1e-5)
     # Inference mode uses the moving statistics.
     z = bn(x, training=False).numpy()
     expected = (x - bn.moving_mean.numpy()) / np.sqrt(bn.moving_variance.numpy() + 1e-5)
     np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("synchronized", [True, False])
+def test_unfused_batchnorm_matches_pytorch_statistics(synchronized):
+    # 2-D input takes the op-by-op path (the fused kernel wants NHWC); same formulas.
+    x = np.random.default_rng(1).normal(2.0, 3.0, (10, 4)).astype("float32")
+    bn = BatchNorm(synchronized=synchronized)
+    assert not bn._fusable(x)
+    y = bn(x, training=True).numpy()
+    mean, var = x.mean(axis=0), x.var(axis=0)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_mean, 0.05 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance, 0.95 + 0.05 * x.var(axis=0, ddof=1), rtol=1e-5)
 
 
 @pytest.mark.parametrize("swish", [False, True])
@@ -499,7 +513,8 @@ def test_fused_single_replica_batchnorm_is_exact(swish):
     np.testing.assert_allclose(y, y_ref, atol=1e-4)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(bn.moving_variance, 0.95 + 0.05 * var, rtol=1e-6)
+    # Unbiased, as PyTorch's BN: 4 * 5 * 5 = 100 values per channel.
+    np.testing.assert_allclose(bn.moving_variance, 0.95 + 0.05 * var * 100 / 99, rtol=1e-6)
 
 
 def test_fused_bn_swish_gradient_matches_autodiff_in_a_graph():

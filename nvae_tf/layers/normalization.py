@@ -36,14 +36,16 @@ class BatchNorm(keras.layers.BatchNormalization):
         if self._fusable(x):
             out, mean, variance = fused_batch_norm_train(x, gamma, beta, self.epsilon, swish)
         else:
-            mean, variance = self._moments(x, None)
+            mean, variance, count = self._moments_and_count(x)
             out = tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
             if swish:
                 out = keras.activations.silu(out)
+            variance = variance * (count / (count - 1.0))
         if update_stats:
-            m = self.momentum
-            self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
-            self.moving_variance.assign(self.moving_variance * m + variance * (1.0 - m))
+            # The moving variance takes the Bessel-corrected batch variance, as PyTorch's BN
+            # (and so the original) does; normalizing uses the biased one.
+            for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+                moving.assign_sub((moving - batch) * (1.0 - self.momentum))
         return ops.cast(out, self.compute_dtype)
 
     def _inference(self, inputs):
@@ -92,18 +94,26 @@ class BatchNorm(keras.layers.BatchNormalization):
         # all-reduce and are exact to rounding, on one replica or many.
         if mask is not None or not self.synchronized:
             return super()._moments(inputs, mask)
-        return synchronized_moments(inputs, self._reduction_axes)
+        return synchronized_moments(inputs, self._reduction_axes)[:2]
+
+    def _moments_and_count(self, x):
+        """Batch mean, biased variance and the number of values behind each (all replicas)."""
+        if self.synchronized:
+            return synchronized_moments(x, self._reduction_axes)
+        mean, variance = super()._moments(x, None)
+        count = tf.cast(tf.size(x) // tf.size(mean), tf.float32)
+        return mean, variance, count
 
 
 def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False):
     """Training-mode BN (then Swish when ``swish``) of NHWC ``x``, with one fused kernel each
     way: 2x faster than the op-by-op form on CPU.
 
-    Returns the output, the batch mean and the biased batch variance (the op itself returns
-    the Bessel-corrected one). The gradient is written by hand, for two reasons: autodiff of
-    the six-output op builds dead zeros for every unused output (~1,500 graph ops in MNIST's
-    step), and Swish's input need not be kept for the backward pass: it is recomputed from
-    ``x`` (kept anyway) and the batch statistics, one activation-sized tensor less per layer.
+    Returns the output, the batch mean and the Bessel-corrected batch variance (what the moving
+    average takes). The gradient is written by hand, for two reasons: autodiff of the
+    six-output op builds dead zeros for every unused output (~1,500 graph ops in MNIST's step),
+    and Swish's input need not be kept for the backward pass: it is recomputed from ``x``
+    (kept anyway) and the batch statistics, one activation-sized tensor less per layer.
     """
     n = x.shape[:3].num_elements()  # static when known: no graph ops
     if n is None:
@@ -116,14 +126,14 @@ def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False):
             x=x, scale=gamma, offset=beta, mean=_EMPTY, variance=_EMPTY,
             epsilon=epsilon, is_training=True,
         )  # fmt: skip
-        variance = variance * ((n - 1.0) / n)
         stats.extend([mean, variance])
 
         def grad(d_out):
             d_y = d_out
             if swish:
+                biased = variance * ((n - 1.0) / n)
                 y_again = tf.compat.v1.nn.fused_batch_norm(
-                    x, gamma, beta, mean, variance, epsilon, is_training=False
+                    x, gamma, beta, mean, biased, epsilon, is_training=False
                 )[0]
                 s = tf.sigmoid(y_again)
                 d_y = d_out * (s * (1.0 + y_again * (1.0 - s)))
@@ -141,7 +151,8 @@ def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False):
 
 
 def synchronized_moments(x, axes):
-    """Mean and (biased) variance over ``axes`` and over all replicas in sync, two-pass."""
+    """Mean and (biased) variance over ``axes`` and over all replicas in sync, two-pass, and
+    the number of values per statistic."""
     ctx = tf.distribute.get_replica_context()
     sync = ctx is not None and ctx.num_replicas_in_sync > 1
     x = tf.cast(x, tf.float32)
@@ -155,7 +166,7 @@ def synchronized_moments(x, axes):
     squares = tf.reduce_sum(tf.square(x - mean), axis=axes, keepdims=True)
     if sync:
         squares = ctx.all_reduce(tf.distribute.ReduceOp.SUM, squares)
-    return tf.squeeze(mean, axes), tf.squeeze(squares / count, axes)
+    return tf.squeeze(mean, axes), tf.squeeze(squares / count, axes), count
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
