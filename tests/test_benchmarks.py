@@ -67,6 +67,8 @@ def test_summary_takes_medians_ratios_and_targets():
 
 def test_summary_flags_runs_that_trained_on_different_batches():
     runs = two_sided_runs()
+    runs[1].figures["batch_sum"] = 2012.0 * (1 + 1e-7)  # float32 summation order: the same
+    assert summarize(runs, {"mnist": 16}, {"mnist": 30.0})["mnist"]["same_batch"] is True
     runs[1].figures["batch_sum"] = 2011.0
     assert summarize(runs, {"mnist": 16}, {"mnist": 30.0})["mnist"]["same_batch"] is False
 
