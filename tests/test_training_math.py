@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nvae_tf.training.guarded_optimizer import GuardedOptimizer
 from nvae_tf.training.kl_balancing import (
     balance_coefficients,
     balance_gamma,
@@ -90,55 +89,6 @@ def test_adamax_matches_numpy_reference(l2_decay):
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
     assert np.abs(got[0] - params[0]).max() > 1e-3  # the variables actually moved
-
-
-def test_adamax_apply_if_false_changes_nothing_and_true_is_apply():
-    # GuardedOptimizer's skip without a cond around the whole update (see apply_if).
-    params, grads = random_params_and_grads(5)
-    gated, plain = NVAEAdamax(1e-2, l2_decay=0.05), NVAEAdamax(1e-2, l2_decay=0.05)
-    va, vb = [tf.Variable(p) for p in params], [tf.Variable(p) for p in params]
-    gated.apply([tf.constant(g) for g in grads[0]], va)
-    plain.apply([tf.constant(g) for g in grads[0]], vb)
-
-    def state():
-        return [v.numpy() for v in va + list(gated.variables)]
-
-    before = state()
-    nan = [tf.fill(p.shape, np.nan) for p in params]
-    gated.apply_if(tf.constant(False), nan, va)
-    for b, a in zip(before, state()):
-        np.testing.assert_array_equal(b, a)  # variables, slots and iterations
-    gated.apply_if(tf.constant(True), [tf.constant(g) for g in grads[1]], va)
-    plain.apply([tf.constant(g) for g in grads[1]], vb)
-    for a, b in zip(va, vb):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-    assert int(gated.iterations.numpy()) == 2
-    with pytest.raises(ValueError, match="use_ema"):
-        NVAEAdamax(1e-2, use_ema=True).apply_if(tf.constant(True), grads[0], va)
-
-
-@pytest.mark.parametrize("use_ema", [False, True])
-def test_guarded_optimizer_skips_non_finite_steps_on_either_path(use_ema):
-    # Without EMA the skip is NVAEAdamax.apply_if's; with it, Keras' cond around the update.
-    # Either way, built on the first (traced) call: a skipped step changes nothing.
-    params, grads = random_params_and_grads(6)
-    opt = GuardedOptimizer(NVAEAdamax(1e-2, l2_decay=0.05, use_ema=use_ema))
-    assert opt._gates_inner(None) is not use_ema
-    variables = [tf.Variable(p) for p in params]
-    step = tf.function(lambda gs: opt.apply(gs, variables))
-    step([tf.constant(g) for g in grads[0]])
-    before = [v.numpy() for v in variables + list(opt.variables)]
-    step([tf.fill(p.shape, np.nan) for p in params])
-    after = [v.numpy() for v in variables + list(opt.variables)]
-    for b, a, v in zip(before, after, variables + list(opt.variables)):
-        if v.name not in ("skipped_steps", "consecutive_skips"):
-            np.testing.assert_array_equal(b, a)
-    assert int(opt.skipped_steps.numpy()) == 1 and int(opt.consecutive_skips.numpy()) == 1
-    step([tf.constant(g) for g in grads[1]])
-    assert int(opt.consecutive_skips.numpy()) == 0 and int(opt.iterations.numpy()) == 2
-    want = numpy_adamax(params, lambda t, p: grads[t], [1e-2] * 2, 0.05)
-    for v, w in zip(variables, want):
-        np.testing.assert_allclose(v.numpy(), w, rtol=1e-5, atol=1e-7)
 
 
 def test_adamax_variable_without_gradient_keeps_value_and_slots():

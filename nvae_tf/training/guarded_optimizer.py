@@ -1,13 +1,11 @@
 """An optimizer wrapper that skips non-finite steps on every replica, with optional loss scaling.
 
 Keras' ``LossScaleOptimizer`` already skips a step whose gradients are not finite, inside the
-distribution-safe control flow that ``tf.distribute`` needs. Three things are added:
+distribution-safe control flow that ``tf.distribute`` needs. Two things are added:
   * the finiteness test is all-reduced, so a NaN on any replica skips the step on all of them
     (Keras tests each replica's local, not yet reduced, gradients);
   * a fixed scale of 1 when dynamic scaling is off (float32 / bfloat16), where a skip must
-    not shrink the scale;
-  * on one replica, the skip is left to ``NVAEAdamax.apply_if`` (a small cond around the
-    arithmetic) instead of Keras' cond around the whole update, a much smaller graph.
+    not shrink the scale.
 It counts skipped steps (total and consecutive) so training can be stopped when stuck, and
 drives the learning-rate schedule by the run's global step (applied + skipped steps: the batches
 consumed, as the original's per-batch scheduler), times ``learning_rate_scale`` (lowered by a
@@ -79,35 +77,9 @@ class GuardedOptimizer(keras.optimizers.LossScaleOptimizer):
             global_norm = None
         self._known_global_norm = global_norm
         try:
-            if self._gates_inner(ctx):
-                return self._apply_gated(grads, trainable_variables)
             return super().apply(grads, trainable_variables)
         finally:
             self._known_global_norm = None
-
-    def _gates_inner(self, ctx):
-        """Whether the inner optimizer can skip a step by itself (``NVAEAdamax.apply_if``):
-        one replica, no dynamic scale, no EMA or gradient accumulation. Else Keras' ``tf.cond``
-        around the whole update (~5k more graph nodes on MNIST)."""
-        inner = self.inner_optimizer
-        return (
-            not self.dynamic
-            and (ctx is None or ctx.num_replicas_in_sync == 1)
-            and hasattr(inner, "apply_if")
-            and not inner.use_ema
-            and not inner.gradient_accumulation_steps
-        )
-
-    def _apply_gated(self, grads, trainable_variables):
-        if not self.built:  # as Keras' apply: on the first call, from the variables given
-            with keras.name_scope(self.name, caller=self):
-                self.build(trainable_variables)
-            self.built = True
-        finite = self.check_finite(grads)
-        self.inner_optimizer.apply_if(finite, grads, trainable_variables)
-        skipped = 1 - tf.cast(finite, tf.int64)
-        self.skipped_steps.assign_add(skipped)
-        self.consecutive_skips.assign((self.consecutive_skips + skipped) * skipped)
 
     def check_finite(self, grads):
         # One test of the global norm instead of Keras' two ops per gradient (thousands of graph

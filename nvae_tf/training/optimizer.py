@@ -56,7 +56,6 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         self.l2_decay = l2_decay
         # Set by ``GuardedOptimizer``: the rate at the run's global step (skipped steps count).
         self.learning_rate_fn = None
-        self._apply_if = None  # set for the duration of one ``apply_if``
 
     def learning_rate_at(self, step):
         """The rate at ``step``: the schedule's value there, or the fixed rate."""
@@ -68,24 +67,6 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         if self.learning_rate_fn is not None:
             return self.learning_rate_fn()
         return super()._get_current_learning_rate()
-
-    def apply_if(self, condition, grads, trainable_variables=None):
-        """``apply``, taking effect only where ``condition`` (scalar bool tensor) holds: else
-        variables, slots and ``iterations`` keep their values.
-
-        For ``GuardedOptimizer``: Keras puts the whole ``apply`` in a ``tf.cond``, which
-        captures every gradient and variable (~5k graph nodes after lowering on MNIST). Here
-        only the arithmetic on the stacked gradients is conditional, and a skipped step
-        subtracts zeros. Not with EMA or gradient accumulation (they would still advance).
-        """
-        if self.use_ema or self.gradient_accumulation_steps:
-            raise ValueError("apply_if: not with use_ema or gradient_accumulation_steps")
-        self._apply_if = condition
-        try:
-            self.apply(grads, trainable_variables)
-        finally:
-            self._apply_if = None
-        self.iterations.assign_sub(1 - tf.cast(condition, self.iterations.dtype))
 
     def build(self, var_list):
         """Create the first-moment ``m`` and infinity-norm ``u`` slots (zeros): one pair per
@@ -144,61 +125,33 @@ class NVAEAdamax(keras.optimizers.Optimizer):
         group (``_`` is the first of them, the variable ``update`` was called for)."""
         m_slots, u_slots = slots[: len(self._m)], slots[len(self._m) :]
         dtype = m_slots[0].dtype
-        g_stacks, p_stacks = [], []
-        # Stack once every gradient is in (the condition reads them all): stacked earlier, the
-        # copies would be alive through the backward pass (+200 MB peak on MNIST).
-        after = [] if self._apply_if is None else [self._apply_if]
-        for indices in self._shape_groups:
-            shape = variables[indices[0]].shape
-            grads_here = [
-                tf.zeros(shape, dtype) if grads[i] is None else tf.cast(grads[i], dtype)
-                for i in indices
-            ]
-            with tf.control_dependencies(after):
-                g_stacks.append(tf.stack(grads_here))
-                p_stacks.append(tf.stack([tf.cast(variables[i], dtype) for i in indices]))
-
-        def moments_and_steps():
-            return self._moments_and_steps(
-                m_slots, u_slots, g_stacks, p_stacks, grads, learning_rate
-            )
-
-        if self._apply_if is None:
-            steps = moments_and_steps()
-        else:
-            steps = tf.cond(
-                self._apply_if,
-                moments_and_steps,
-                lambda: [tf.zeros(p.shape, p.dtype) for p in p_stacks],
-            )
-        for indices, step in zip(self._shape_groups, steps):
-            for i, d in zip(indices, tf.unstack(step, num=len(indices))):
-                if grads[i] is not None:
-                    variables[i].assign_sub(tf.cast(d, variables[i].dtype))
-
-    def _moments_and_steps(self, m_slots, u_slots, g_stacks, p_stacks, grads, learning_rate):
-        """Update the slots of every shape group; return the steps to subtract, stacked."""
-        dtype = m_slots[0].dtype
         b1 = tf.cast(self.beta_1, dtype)
         b2 = tf.cast(self.beta_2, dtype)
         eps = tf.cast(self.epsilon, dtype)
         l2_decay = tf.cast(self.l2_decay, dtype)
         t = tf.cast(self.iterations + 1, dtype)
         step_size = tf.cast(learning_rate, dtype) / (1.0 - tf.pow(b1, t))
-        steps = []
-        for indices, m, u, g, p in zip(self._shape_groups, m_slots, u_slots, g_stacks, p_stacks):
+        for indices, m, u in zip(self._shape_groups, m_slots, u_slots):
+            shape = variables[indices[0]].shape
+            # A variable without a gradient is left out of the step: its value and slots stay.
+            missing = [grads[i] is None for i in indices]
+            g = tf.stack(
+                [tf.zeros(shape, dtype) if grads[i] is None else tf.cast(grads[i], dtype)
+                 for i in indices]
+            )  # fmt: skip
+            p = tf.stack([tf.cast(variables[i], dtype) for i in indices])
             g = g + l2_decay * p
             new_m = b1 * m + (1.0 - b1) * g
             new_u = tf.maximum(b2 * u, tf.abs(g) + eps)
-            # A variable without a gradient is left out of the step: its value and slots stay.
-            missing = [grads[i] is None for i in indices]
             if any(missing):
-                keep = tf.reshape(tf.constant(missing), [-1] + [1] * (len(m.shape) - 1))
+                keep = tf.reshape(tf.constant(missing), [-1] + [1] * len(shape))
                 new_m, new_u = tf.where(keep, m, new_m), tf.where(keep, u, new_u)
             m.assign(new_m)
             u.assign(new_u)
-            steps.append(step_size * new_m / new_u)
-        return steps
+            delta = step_size * new_m / new_u
+            for i, d in zip(indices, tf.unstack(delta, num=len(indices))):
+                if grads[i] is not None:
+                    variables[i].assign_sub(tf.cast(d, variables[i].dtype))
 
     def get_config(self):
         config = super().get_config()
