@@ -87,17 +87,14 @@ class BatchNorm(keras.layers.BatchNormalization):
         """4-D input normalized per channel (last axis): the layout the fused kernels take."""
         return len(x.shape) == 4 and list(self._reduction_axes) == [0, 1, 2]
 
-    def _moments(self, inputs, mask):
-        # Keras' synchronized moments take var = E[x^2] - E[x]^2 in one float32 pass, which
-        # loses most digits when |mean| >> std (|mean|/std = 100: ~0.2% error in the output).
-        # Two passes (global mean, then global mean squared deviation) cost one more
-        # all-reduce and are exact to rounding, on one replica or many.
-        if mask is not None or not self.synchronized:
-            return super()._moments(inputs, mask)
-        return synchronized_moments(inputs, self._reduction_axes)[:2]
-
     def _moments_and_count(self, x):
-        """Batch mean, biased variance and the number of values behind each (all replicas)."""
+        """Batch mean, biased variance and the number of values behind each (all replicas).
+
+        Keras' synchronized moments take var = E[x^2] - E[x]^2 in one float32 pass, which
+        loses most digits when |mean| >> std (|mean|/std = 100: ~0.2% error in the output).
+        Two passes (global mean, then global mean squared deviation) cost one more all-reduce
+        and are exact to rounding, on one replica or many.
+        """
         if self.synchronized:
             return synchronized_moments(x, self._reduction_axes)
         mean, variance = super()._moments(x, None)
