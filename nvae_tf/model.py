@@ -143,9 +143,29 @@ class NVAE(CheckpointListsMixin, keras.Model):
         reproducible; by default they come from the model's generator.
         """
         x = self.check_images(x)
+        return self.top_down(self.bottom_up(x, training), training, seed)
+
+    def bottom_up(self, x, training=False):
+        """Encoder features, one per latent group, bottom-up order (last = final feature)."""
+        s = self.stem(tf.cast(2.0 * x - 1.0, self.compute_dtype))
+        s = self._run(self.preprocess, s, training)
+        features, start = [], 0
+        for end in self._encoder_block_ends:
+            s = self._run(self.encoder_cells[start:end], s, training)
+            features.append(s)
+            start = end
+        return features
+
+    def top_down(
+        self, features: list[tf.Tensor], training: bool | None = None, seed: Seed = None
+    ) -> NVAEOutput:
+        """The posterior's top-down pass given the encoder ``features`` of ``bottom_up``.
+
+        Separate from ``call`` so that K posterior samples of an image can share one encoder
+        pass (the encoder is deterministic): importance-weighted evaluation tiles the features.
+        """
         seed = self.stateless_seed(seed)
-        features = self.bottom_up(x, training)
-        s = self.initial_state(tf.shape(x)[0])
+        s = self.initial_state(tf.shape(features[0])[0])
         groups = []
         for group in self.groups:
             s = self._run(group.cells, s, training)
@@ -164,17 +184,6 @@ class NVAE(CheckpointListsMixin, keras.Model):
             posterior_mean=[g.posterior_mean for g in groups],
             posterior_stddev=[g.posterior_stddev for g in groups],
         )
-
-    def bottom_up(self, x, training=False):
-        """Encoder features, one per latent group, bottom-up order (last = final feature)."""
-        s = self.stem(tf.cast(2.0 * x - 1.0, self.compute_dtype))
-        s = self._run(self.preprocess, s, training)
-        features, start = [], 0
-        for end in self._encoder_block_ends:
-            s = self._run(self.encoder_cells[start:end], s, training)
-            features.append(s)
-            start = end
-        return features
 
     def initial_state(self, batch_size):
         """The top-down state before the top group: the learned ``h`` for every image."""

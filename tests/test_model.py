@@ -381,23 +381,17 @@ def test_iw_bound_is_above_elbo_and_tightens_with_k(iw_model):
 
 
 def test_iw_log_weights_are_the_model_terms(iw_model):
-    """log_w = log p(x|z) + log p(z) - log q(z): the IW estimate with K = 1 is one such term."""
+    """log_w = log p(x|z) + log p(z) - log q(z) of the full model on the tiled batch: the
+    encoder pass that the K samples share gives the same terms as one pass per sample."""
     x = binary_images(2)
-    seen = []
-    original = iw_model.call
-
-    def spy(inputs, training=None, seed=None):
-        out = original(inputs, training=training, seed=seed)
-        seen.append((out.output_distribution.log_prob(inputs) + out.log_p - out.log_q).numpy())
-        return out
-
-    iw_model.call = spy
-    try:
-        ll, _ = importance_weighted(iw_model, x, 1, seed=[5, 5])
-    finally:
-        del iw_model.call
-    assert len(seen) == 1
-    np.testing.assert_allclose(ll, seen[0], rtol=1e-6)
+    k, seed = 3, tf.constant([5, 5])
+    ll, _ = importance_weighted(iw_model, x, k, max_images_per_pass=64, seed=seed)
+    chunk_seed = tf.cast(tf.random.experimental.stateless_fold_in(seed, 0), tf.int64)
+    tiled = tf.tile(x, [k, 1, 1, 1])  # one pass holds all K samples
+    out = iw_model(tiled, training=False, seed=chunk_seed)
+    log_w = (out.output_distribution.log_prob(tiled) + out.log_p - out.log_q).numpy()
+    expected = tf.reduce_logsumexp(log_w.reshape(k, 2), axis=0) - np.log(k)
+    np.testing.assert_allclose(ll, expected, rtol=1e-5)
 
 
 def test_iw_chunking_is_deterministic_and_handles_a_partial_chunk(iw_model):

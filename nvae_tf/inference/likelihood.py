@@ -2,7 +2,8 @@
 
 ``log p(x) ~= logsumexp_k(log p(x|z_k) + log p(z_k) - log q(z_k|x)) - log K`` over K posterior
 samples. The K samples are drawn in chunks (the batch tiled ``chunk`` times per forward pass) so
-that K = 1000 fits in memory; batch norm runs in inference mode, so tiling changes nothing.
+that K = 1000 fits in memory; batch norm runs in inference mode, so tiling changes nothing, and
+the encoder runs once per image: its features are tiled, not recomputed per sample.
 
 The estimator itself (``iw_estimate``) only sees a callable that returns log-weights and ELBO
 terms for a number of samples, so any latent-variable model with a known marginal likelihood
@@ -69,10 +70,16 @@ def importance_weighted(
     x = model.check_images(x)
     batch = tf.shape(x)[0]
     seed = model.stateless_seed(seed)
+    # The encoder is deterministic at inference: one pass serves all K samples.
+    features = model.bottom_up(x, training=False)
 
     def sample_fn(n, chunk_seed):
         tiled = tf.tile(x, [n, 1, 1, 1])
-        out = model(tiled, training=False, seed=tf.cast(chunk_seed, tf.int64))
+        out = model.top_down(
+            [tf.tile(f, [n, 1, 1, 1]) for f in features],
+            training=False,
+            seed=tf.cast(chunk_seed, tf.int64),
+        )
         log_w = tf.reshape(out.log_weight(tiled), [n, batch])
         elbo = tf.reshape(-out.negative_elbo(tiled), [n, batch])
         return log_w, elbo
