@@ -8,6 +8,7 @@ Forward pass, top-down once (docs/design.md#forward-pass)::
     s -> post-process cells -> ELU -> output conv -> decoder distribution p(x | z)
 """
 
+import contextlib
 from collections.abc import Sequence
 
 import keras
@@ -25,7 +26,7 @@ from nvae_tf.layers.latent_group import LatentGroup
 from nvae_tf.layers.normalization import BatchNorm
 from nvae_tf.layers.recompute import recompute_cells, run_cells
 from nvae_tf.layers.tracking import CheckpointListsMixin
-from nvae_tf.layers.weight_norm import Conv2D
+from nvae_tf.layers.weight_norm import Conv2D, normalized_together
 from nvae_tf.output import NVAEOutput
 from nvae_tf.training.guarded_optimizer import GuardedOptimizer, make_optimizer, schedule_step
 from nvae_tf.training.objective import LossTerms, Objective
@@ -347,7 +348,8 @@ class NVAE(CheckpointListsMixin, keras.Model):
         state = StepState(self)  # a skipped step leaves BN stats, u/v and metrics as they were
         state.snapshot()
         with tf.GradientTape() as tape:
-            out = self(x, training=True)
+            with self._kernels_normalized_together():
+                out = self(x, training=True)
             terms = self.objective(self, out, x, schedule_step(self.optimizer))
             # Gradients are summed over replicas: each contributes its share of the mean.
             scaled = self.optimizer.scale_loss(terms.loss / replicas)
@@ -375,6 +377,13 @@ class NVAE(CheckpointListsMixin, keras.Model):
             "skipped_steps": self.optimizer.skipped_steps,
             "consecutive_skips": self.optimizer.consecutive_skips,
         }
+
+    def _kernels_normalized_together(self):
+        """The training forward pass weight-normalizes its kernels by shape (fewer graph ops);
+        under recompute each conv normalizes its own, inside the recomputed block."""
+        if self.config.recompute != "none":
+            return contextlib.nullcontext()
+        return normalized_together(self.conv_layers())
 
     def test_step(self, data):
         x = _images_of(data)

@@ -581,18 +581,21 @@ def test_tiny_config_is_what_the_layer_tests_assume():
     assert c.groups_per_scale == [1, 2] and c.channels_per_scale == [16, 8]
 
 
-@pytest.mark.parametrize("axes", [(0, 1, 2), (0, 1, 3)])  # dense, depthwise
-def test_weight_normalize_gradient_matches_autodiff(axes):
+@pytest.mark.parametrize("stacked", [False, True])  # one kernel; two, normalized together
+@pytest.mark.parametrize("dense", [True, False])  # dense, depthwise
+def test_weight_normalize_gradient_matches_autodiff(dense, stacked):
     from nvae_tf.layers.weight_norm import weight_normalize
 
     rng = np.random.default_rng(4)
-    v = tf.constant(rng.normal(size=(3, 3, 5, 6)), tf.float32)
-    channels = 6 if axes == (0, 1, 2) else 5
-    log_g = tf.constant(rng.normal(size=(channels,)), tf.float32)
-    upstream = tf.constant(rng.normal(size=(3, 3, 5, 6)), tf.float32)
+    lead = (2,) if stacked else ()
+    axes = tuple(a + len(lead) for a in ((0, 1, 2) if dense else (0, 1, 3)))
+    v = tf.constant(rng.normal(size=(*lead, 3, 3, 5, 6)), tf.float32)
+    channels = 6 if dense else 5
+    log_g = tf.constant(rng.normal(size=(*lead, channels)), tf.float32)
+    upstream = tf.constant(rng.normal(size=v.shape), tf.float32)
 
     def by_formula(v, log_g):
-        shape = (1, 1, 1, -1) if axes == (0, 1, 2) else (1, 1, -1, 1)
+        shape = (*lead, 1, 1, 1, -1) if dense else (*lead, 1, 1, -1, 1)
         norm = tf.sqrt(tf.reduce_sum(tf.square(v), axis=axes, keepdims=True))
         return tf.reshape(tf.exp(log_g), shape) * v / (norm + 1e-5)
 
