@@ -608,3 +608,37 @@ def test_weight_normalize_gradient_matches_autodiff(dense, stacked):
         results.append([w, *tape.gradient(loss, [v, log_g])])
     for ours, reference in zip(*results):
         np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_lean_custom_gradient_builds_no_dead_zeros_and_the_same_gradients():
+    from nvae_tf.layers import lean_gradient
+
+    def scaled(x, g):
+        def grad(dy):
+            return dy * g, tf.reduce_sum(dy * x)
+
+        return x * g, grad
+
+    x, g = tf.random.stateless_normal((3, 4), seed=[1, 2]), tf.constant(1.5)
+    results, sizes = [], []
+
+    def gradients(f):
+        @tf.function(autograph=False)
+        def step(x, g):
+            with tf.GradientTape() as tape:
+                tape.watch([x, g])
+                loss = tf.reduce_sum(tf.square(f(x, g)))
+            return tape.gradient(loss, [x, g])
+
+        return step
+
+    for decorate in (tf.custom_gradient, lean_gradient.custom_gradient):
+        step = gradients(decorate(scaled))
+        graph = step.get_concrete_function(x, g).graph
+        sizes.append(len(graph.get_operations()))
+        results.append(step(x, g))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(b, a)
+    assert sizes[1] < sizes[0]  # no zeros for the two inputs
+    with pytest.raises(ValueError, match="at most 4 inputs"):
+        lean_gradient.custom_gradient(lambda *a: (a[0], lambda d: a))(*[x] * 5)

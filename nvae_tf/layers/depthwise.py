@@ -10,6 +10,8 @@ cuDNN's own gradient is used.
 
 import tensorflow as tf
 
+from nvae_tf.layers import lean_gradient
+
 
 def depthwise_conv2d_same(x, kernel):
     """Stride-1 depthwise conv with symmetric zero padding ``k // 2`` (odd square ``kernel``).
@@ -23,7 +25,7 @@ def depthwise_conv2d_same(x, kernel):
     return _depthwise_conv2d_cpu(x, kernel)
 
 
-@tf.custom_gradient
+@lean_gradient.custom_gradient
 def _depthwise_conv2d_cpu(x, kernel):
     y = tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "SAME")
 

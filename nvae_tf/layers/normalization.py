@@ -11,6 +11,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from nvae_tf.layers import lean_gradient
+
 BN_MOMENTUM = 0.95
 BN_EPSILON = 1e-5
 _EMPTY = tf.constant([], tf.float32)  # FusedBatchNormV3's unused mean/variance in training
@@ -117,7 +119,7 @@ def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False):
         n = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
     stats = []
 
-    @tf.custom_gradient
+    @lean_gradient.custom_gradient
     def normalize(x, gamma, beta):
         y, mean, variance, *reserve = tf.raw_ops.FusedBatchNormV3(
             x=x, scale=gamma, offset=beta, mean=_EMPTY, variance=_EMPTY,

@@ -13,6 +13,7 @@ import math
 import keras
 import tensorflow as tf
 
+from nvae_tf.layers import lean_gradient
 from nvae_tf.layers.depthwise import depthwise_conv2d_same
 
 _NORM_EPS = 1e-5
@@ -40,7 +41,7 @@ def weight_normalize(v, log_g, axes):
     """
     g_shape = [1 if i in axes else d for i, d in enumerate(v.shape)]
 
-    @tf.custom_gradient
+    @lean_gradient.custom_gradient
     def normalize(v, log_g):
         axes_t = tf.constant(axes)  # one constant for the three reductions
         n = kernel_norm(v, axes_t)
