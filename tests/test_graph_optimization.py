@@ -64,3 +64,26 @@ def test_methods_bind_like_tf_function():
     # tf.function's API is still there (concrete functions, the Python function).
     assert a.__call__.get_concrete_function(tf.constant(1.0)) is not None
     assert Scaler.__call__.python_function.__name__ == "__call__"
+
+
+def test_functional_control_flow_keeps_cond_unlowered_inside_only():
+    from tensorflow.python.ops import control_flow_util_v2
+
+    def branchy(x):
+        return tf.cond(x > 0, lambda: x * 2.0, lambda: x - 1.0)
+
+    def functional(x):
+        with graph_optimization.functional_control_flow():
+            return branchy(x)
+
+    def lowered(fn):
+        graph = tf.function(fn).get_concrete_function(tf.TensorSpec((), tf.float32)).graph
+        (op,) = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
+        attrs = op.node_def.attr  # absent: not lowered
+        return "_lower_using_switch_merge" in attrs and attrs["_lower_using_switch_merge"].b
+
+    assert not lowered(functional)
+    f = tf.function(functional)
+    assert float(f(tf.constant(3.0))) == 6.0 and float(f(tf.constant(-3.0))) == -4.0
+    assert lowered(branchy)  # TensorFlow's default, and the flag is restored
+    assert not control_flow_util_v2._DISABLE_LOWER_USING_SWITCH_MERGE
