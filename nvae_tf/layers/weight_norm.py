@@ -70,23 +70,22 @@ def normalized_together(layers):
     given layer must be called in the block: an uncalled one would get zero gradients instead
     of none. Not under ``tf.recompute_grad``, which does not differentiate captured tensors.
     """
-    key = _trace_key()
     groups = {}
     for layer in layers:
         if layer.weight_norm:
             groups.setdefault((tuple(layer.kernel.shape), layer.depthwise), []).append(layer)
     for group in groups.values():
         axes = tuple(a + 1 for a in group[0]._norm_axes())
-        v = tf.stack([layer._masked(tf.convert_to_tensor(layer.kernel)) for layer in group])
+        v = tf.stack([layer._masked_kernel() for layer in group])
         log_g = tf.stack([tf.convert_to_tensor(layer.log_g) for layer in group])
         for layer, kernel in zip(group, tf.unstack(weight_normalize(v, log_g, axes))):
-            layer._given_kernel.key, layer._given_kernel.value = key, kernel
+            layer._given_kernel.set(kernel)
     try:
         yield
     finally:
         for group in groups.values():
             for layer in group:
-                layer._given_kernel.key = layer._given_kernel.value = None
+                layer._given_kernel.clear()
 
 
 def pointwise_conv2d(x, kernel, bias=None):
@@ -108,6 +107,16 @@ class _LastKernel:
 
     key = None
     value = None
+
+    def set(self, value):
+        self.key, self.value = _trace_key(), value
+
+    def get(self):
+        """The kernel if it was set in the graph and replica being traced now, else None."""
+        return self.value if self.key is not None and self.key == _trace_key() else None
+
+    def clear(self):
+        self.key = self.value = None
 
 
 def _trace_key():
@@ -193,12 +202,13 @@ class Conv2D(keras.layers.Layer):
         """log(||v_init|| + 0.01): the effective kernel starts equal to the raw init."""
         with tf.init_scope():  # eager even when Keras builds inside a scratch graph
             norm = tf.reshape(
-                kernel_norm(self._masked(tf.convert_to_tensor(self.kernel)), self._norm_axes()),
+                kernel_norm(self._masked_kernel(), self._norm_axes()),
                 (-1,),
             )
             return tf.cast(tf.math.log(norm + 0.01) + self.log_g_offset, dtype or "float32")
 
-    def _masked(self, kernel):
+    def _masked_kernel(self):
+        kernel = tf.convert_to_tensor(self.kernel)
         return kernel if self._mask is None else kernel * self._mask
 
     def _norm_axes(self):
@@ -207,7 +217,7 @@ class Conv2D(keras.layers.Layer):
 
     def effective_kernel(self):
         """The kernel actually convolved, in float32 (masked, then weight-normalized)."""
-        v = self._masked(tf.convert_to_tensor(self.kernel))
+        v = self._masked_kernel()
         if not self.weight_norm:
             return v
         return weight_normalize(v, tf.convert_to_tensor(self.log_g), self._norm_axes())
@@ -221,18 +231,16 @@ class Conv2D(keras.layers.Layer):
         and replica is reused when there is one, so that a training step weight-normalizes each
         kernel once (the tensor is the same, and so are the gradients through it).
         """
-        last = self._forward_kernel
-        if reuse_forward and last.key is not None and last.key == _trace_key():
-            return tf.reshape(last.value, (-1, self.filters))
-        return tf.reshape(self.effective_kernel(), (-1, self.filters))
+        last = self._forward_kernel.get() if reuse_forward else None
+        if last is None:
+            last = self.effective_kernel()
+        return tf.reshape(last, (-1, self.filters))
 
     def call(self, x):
-        given = self._given_kernel
-        if given.key is not None and given.key == _trace_key():
-            kernel = given.value
-        else:
+        kernel = self._given_kernel.get()
+        if kernel is None:
             kernel = self.effective_kernel()
-        self._forward_kernel.key, self._forward_kernel.value = _trace_key(), kernel
+        self._forward_kernel.set(kernel)
         kernel = tf.cast(kernel, x.dtype)
         bias = tf.cast(self.bias, x.dtype) if self.use_bias else None
         if self.strides == 1 and self.kernel_size == 1 and not self.depthwise:

@@ -34,12 +34,16 @@ class StepState:
 
     def snapshot(self):
         """Read every variable now (call before the forward pass)."""
-        self._saved = [tf.stack([tf.convert_to_tensor(v) for v in group]) for group in self.groups]
+        self._saved = [_read(group) for group in self.groups]
 
     def restore_unless(self, applied):
         """Write the snapshot back where ``applied`` (scalar bool) is false."""
         for group, saved in zip(self.groups, self._saved):
-            current = tf.stack([tf.convert_to_tensor(v) for v in group])
-            for variable, value in zip(group, tf.unstack(tf.where(applied, current, saved))):
+            for variable, value in zip(group, tf.unstack(tf.where(applied, _read(group), saved))):
                 variable.assign(value)
         self._saved = None
+
+
+def _read(group):
+    """The values of same-shape variables now, stacked."""
+    return tf.stack([tf.convert_to_tensor(v) for v in group])
