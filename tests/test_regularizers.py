@@ -12,7 +12,11 @@ import tensorflow as tf
 
 from nvae_tf.layers.flows import MaskedConv2D
 from nvae_tf.layers.weight_norm import Conv2D
-from nvae_tf.training.regularizers import SpectralRegularizer, batchnorm_penalty
+from nvae_tf.training.regularizers import (
+    SpectralRegularizer,
+    batchnorm_penalty,
+    padding_buckets,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +66,18 @@ def test_groups_by_shape():
     assert sr._groups == ((0, 1), (2,), (3,), (4,))
     assert [tuple(u.shape) for u in sr.u_vars] == [(2, 6), (1, 4), (1, 8), (1, 8)]
     assert [tuple(v.shape) for v in sr.v_vars] == [(2, 36), (1, 25), (1, 4), (1, 36)]
+    # Small groups share one zero-padded bucket, so the tests below run the padded path.
+    assert sr._buckets == ((0, 1, 2, 3),)
+
+
+def test_padding_buckets_merge_small_groups_and_leave_large_ones_alone():
+    shapes = [(4, 8, 9), (2, 256, 2304), (3, 16, 9), (1, 8, 16), (5, 256, 2304), (1, 512, 512)]
+    buckets = padding_buckets(shapes, overhead=2**18)
+    assert sorted(g for b in buckets for g in b) == list(range(len(shapes)))
+    assert (0, 2, 3) in buckets  # ~1k elements each: one bucket
+    assert (1, 4) in buckets  # same shape: no padding, one bucket
+    assert (5,) in buckets  # padding it to 256x2304 would cost more than a bucket
+    assert padding_buckets(shapes, overhead=2**40) == (tuple(range(6)),)
 
 
 def test_matches_largest_singular_values():
