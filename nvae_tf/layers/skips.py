@@ -7,6 +7,13 @@ from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D
 
 
+def doubled_size(x):
+    """``2 * (height, width)`` of NHWC ``x``: Python ints when static (no graph ops)."""
+    if x.shape[1] is not None and x.shape[2] is not None:
+        return [2 * x.shape[1], 2 * x.shape[2]]
+    return tf.shape(x)[1:3] * 2
+
+
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class FactorizedReduce(CheckpointListsMixin, keras.layers.Layer):
     """Down-cell skip: Swish, then four 1x1 stride-2 convs on shifted views, concatenated.
@@ -51,9 +58,8 @@ class UpSkip(keras.layers.Layer):
         self.conv.build(input_shape)  # 1x1 kernel: only the input channels matter
 
     def call(self, x):
-        size = tf.shape(x)[1:3] * 2
         up = tf.raw_ops.ResizeBilinear(
-            images=x, size=size, align_corners=True, half_pixel_centers=False
+            images=x, size=doubled_size(x), align_corners=True, half_pixel_centers=False
         )
         return self.conv(tf.cast(up, x.dtype))
 
