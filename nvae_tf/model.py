@@ -28,7 +28,12 @@ from nvae_tf.layers.recompute import recompute_cells, run_cells
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D, normalized_together
 from nvae_tf.output import NVAEOutput
-from nvae_tf.training.guarded_optimizer import GuardedOptimizer, make_optimizer, schedule_step
+from nvae_tf.training.guarded_optimizer import (
+    GuardedOptimizer,
+    global_norm,
+    make_optimizer,
+    schedule_step,
+)
 from nvae_tf.training.objective import LossTerms, Objective
 from nvae_tf.training.regularizers import SpectralRegularizer
 from nvae_tf.training.step_state import StepState
@@ -357,7 +362,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         # A non-finite loss must skip the step even if its gradients happen to be finite.
         grads[0] = tf.where(tf.math.is_finite(terms.loss), grads[0], float("nan"))
         scale = tf.cast(self.optimizer.scale_loss(1.0), tf.float32)
-        raw_norm = tf.linalg.global_norm(grads)
+        raw_norm = global_norm(grads)
         grad_norm = raw_norm / scale * replicas
         if isinstance(self.optimizer, GuardedOptimizer):
             self.optimizer.apply(grads, self.trainable_variables, global_norm=raw_norm)

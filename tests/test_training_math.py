@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from nvae_tf.training.guarded_optimizer import global_norm
 from nvae_tf.training.kl_balancing import (
     balance_coefficients,
     balance_gamma,
@@ -415,3 +416,26 @@ def test_balanced_kl_plain_sum_when_beta_one_or_disabled():
         tape.watch(kl)
         total = tf.reduce_sum(balanced_kl(kl, 1.0, alpha))
     np.testing.assert_allclose(tape.gradient(total, kl).numpy(), 1.0)
+
+
+def test_global_norm_matches_tensorflow_in_fewer_ops():
+    rng = np.random.default_rng(0)
+    shapes = [(3,), (3,), (4, 5), (3,), (4, 5), (300, 300), (2, 2, 3, 7), (300, 300)]
+    tensors = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes] + [None]
+    present = [t for t in tensors if t is not None]
+    np.testing.assert_allclose(
+        float(global_norm(tensors)), float(tf.linalg.global_norm(present)), rtol=1e-6
+    )
+    assert float(global_norm([None])) == 0.0
+
+    def ops(norm):
+        graph = (
+            tf.function(norm)
+            .get_concrete_function([tf.TensorSpec(s, tf.float32) for s in shapes])
+            .graph
+        )
+        return sum(op.type == "L2Loss" for op in graph.get_operations())
+
+    # (3,) x3, (4, 5) x2 and (2, 2, 3, 7) stack by shape; each 300x300 (over the limit) keeps its own.
+    assert ops(global_norm) == 5
+    assert ops(tf.linalg.global_norm) == len(shapes)
