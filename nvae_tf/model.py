@@ -23,7 +23,7 @@ from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted
 from nvae_tf.inference.sampling import decoder_images, fold_seed, prior_images
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.layers.latent_group import LatentGroup
-from nvae_tf.layers.normalization import BatchNorm
+from nvae_tf.layers.normalization import BatchNorm, moving_averages_together
 from nvae_tf.layers.recompute import recompute_cells, run_cells
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D, normalized_together
@@ -353,7 +353,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         state = StepState(self)  # a skipped step leaves BN stats, u/v and metrics as they were
         state.snapshot()
         with tf.GradientTape() as tape:
-            with self._kernels_normalized_together():
+            with self._forward_by_shape():
                 out = self(x, training=True)
             terms = self.objective(self, out, x, schedule_step(self.optimizer))
             # Gradients are summed over replicas: each contributes its share of the mean.
@@ -383,12 +383,16 @@ class NVAE(CheckpointListsMixin, keras.Model):
             "consecutive_skips": self.optimizer.consecutive_skips,
         }
 
-    def _kernels_normalized_together(self):
-        """The training forward pass weight-normalizes its kernels by shape (fewer graph ops);
-        under recompute each conv normalizes its own, inside the recomputed block."""
+    @contextlib.contextmanager
+    def _forward_by_shape(self):
+        """The training forward pass weight-normalizes its kernels and updates its BN moving
+        averages by shape (fewer graph ops); under recompute each layer does its own, inside
+        the recomputed block."""
         if self.config.recompute != "none":
-            return contextlib.nullcontext()
-        return normalized_together(self.conv_layers())
+            yield
+            return
+        with normalized_together(self.conv_layers()), moving_averages_together():
+            yield
 
     def test_step(self, data):
         x = _images_of(data)

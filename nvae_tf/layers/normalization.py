@@ -7,6 +7,9 @@ statistics without touching the moving averages: the recompute pass of
 statistics (``tf.recompute_grad`` has no such switch).
 """
 
+import contextlib
+import threading
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -47,7 +50,7 @@ class BatchNorm(keras.layers.BatchNormalization):
             # The moving variance takes the Bessel-corrected batch variance, as PyTorch's BN
             # (and so the original) does; normalizing uses the biased one.
             for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
-                moving.assign_sub((moving - batch) * (1.0 - self.momentum))
+                _update_moving_average(moving, batch, self.momentum)
         return ops.cast(out, self.compute_dtype)
 
     def _inference(self, inputs):
@@ -102,6 +105,47 @@ class BatchNorm(keras.layers.BatchNormalization):
         mean, variance = super()._moments(x, None)
         count = tf.cast(tf.size(x) // tf.size(mean), tf.float32)
         return mean, variance, count
+
+
+_queued = threading.local()  # per thread: tf.distribute traces each replica on its own
+
+
+def _update_moving_average(moving, batch, momentum):
+    """``moving <- moving - (moving - batch) * (1 - momentum)``, now or queued."""
+    queue = getattr(_queued, "updates", None)
+    if queue is None:
+        moving.assign_sub((moving - batch) * (1.0 - momentum))
+    else:
+        queue.append((moving, batch, momentum))
+
+
+@contextlib.contextmanager
+def moving_averages_together():
+    """Training BNs inside queue their moving-average updates, run on exit by shape.
+
+    Per shape (and momentum), one stack of the averages, one of the batch statistics, the
+    update and an unstack; per variable only its read and its assign remain. Each BN layer
+    updates its statistics in place otherwise: four graph ops per statistic, ~2,800 in
+    MNIST's training step. The same values, bit for bit (elementwise arithmetic).
+    """
+    previous = getattr(_queued, "updates", None)
+    _queued.updates = queue = []
+    try:
+        yield
+    finally:
+        _queued.updates = previous
+    groups = {}
+    for moving, batch, momentum in queue:
+        groups.setdefault((tuple(moving.shape), momentum), []).append((moving, batch))
+    for (_, momentum), pairs in groups.items():
+        if len(pairs) == 1:
+            _update_moving_average(pairs[0][0], pairs[0][1], momentum)
+            continue
+        moving = tf.stack([tf.convert_to_tensor(m) for m, _ in pairs])
+        batch = tf.stack([b for _, b in pairs])
+        new = moving - (moving - batch) * (1.0 - momentum)
+        for (variable, _), value in zip(pairs, tf.unstack(new, num=len(pairs))):
+            variable.assign(value)
 
 
 def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False):
