@@ -33,4 +33,5 @@ class SqueezeExcitation(keras.layers.Layer):
 
     def call(self, x):
         gate = self.excite(self.squeeze(ops.mean(x, axis=(1, 2))))
-        return x * gate[:, None, None, :]
+        # A reshape, not gate[:, None, None, :]: its gradient is a reshape, not a StridedSliceGrad.
+        return x * ops.reshape(gate, (-1, 1, 1, gate.shape[-1]))
