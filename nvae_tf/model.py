@@ -23,7 +23,7 @@ from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted
 from nvae_tf.inference.sampling import decoder_images, fold_seed, prior_images
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.layers.latent_group import LatentGroup
-from nvae_tf.layers.normalization import BatchNorm, moving_averages_together
+from nvae_tf.layers.normalization import BatchNorm, queued_moving_averages
 from nvae_tf.layers.recompute import recompute_cells, run_cells
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D, normalized_together
@@ -353,7 +353,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         state = StepState(self)  # a skipped step leaves BN stats, u/v and metrics as they were
         state.snapshot()
         with tf.GradientTape() as tape:
-            with self._forward_by_shape():
+            with self._forward_by_shape() as moving_averages:
                 out = self(x, training=True)
             terms = self.objective(self, out, x, schedule_step(self.optimizer))
             # Gradients are summed over replicas: each contributes its share of the mean.
@@ -376,7 +376,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         for name, value in values.items():
             if name in self._trackers:
                 self._trackers[name].update_state(value)
-        state.restore_unless(tf.equal(self.optimizer.consecutive_skips, 0))
+        state.restore_unless(tf.equal(self.optimizer.consecutive_skips, 0), moving_averages)
         return {
             **{name: tracker.result() for name, tracker in self._trackers.items()},
             "skipped_steps": self.optimizer.skipped_steps,
@@ -385,14 +385,14 @@ class NVAE(CheckpointListsMixin, keras.Model):
 
     @contextlib.contextmanager
     def _forward_by_shape(self):
-        """The training forward pass weight-normalizes its kernels and updates its BN moving
-        averages by shape (fewer graph ops); under recompute each layer does its own, inside
-        the recomputed block."""
+        """The training forward pass weight-normalizes its kernels by shape and queues its BN
+        moving-average updates for ``StepState`` (fewer graph ops); yields the queue. Under
+        recompute each layer does its own, inside the recomputed block (an empty queue)."""
         if self.config.recompute != "none":
-            yield
+            yield []
             return
-        with normalized_together(self.conv_layers()), moving_averages_together():
-            yield
+        with normalized_together(self.conv_layers()), queued_moving_averages() as queue:
+            yield queue
 
     def test_step(self, data):
         x = _images_of(data)

@@ -12,6 +12,8 @@ result, and a ``tf.cond`` around the whole step cannot wrap the optimizer's cros
 
 import tensorflow as tf
 
+from nvae_tf.layers.normalization import moving_average_update
+
 
 class StepState:
     """The non-trainable variables of a model (and its metric trackers) around one step.
@@ -36,11 +38,31 @@ class StepState:
         """Read every variable now (call before the forward pass)."""
         self._saved = [_read(group) for group in self.groups]
 
-    def restore_unless(self, applied):
-        """Write the snapshot back where ``applied`` (scalar bool) is false."""
+    def restore_unless(self, applied, moving_averages=()):
+        """Write the snapshot back where ``applied`` (scalar bool) is false.
+
+        ``moving_averages``: BN updates the step queued instead of applying them
+        (``normalization.queued_moving_averages``); they are applied here, to the snapshot,
+        only where ``applied``. A group whose every variable has one, with one momentum, needs
+        no second read.
+        """
+        pending = {id(moving): (batch, momentum) for moving, batch, momentum in moving_averages}
         for group, saved in zip(self.groups, self._saved):
-            for variable, value in zip(group, tf.unstack(tf.where(applied, _read(group), saved))):
+            updates = [pending.pop(id(v), None) for v in group]
+            if all(updates) and len({momentum for _, momentum in updates}) == 1:
+                batch = tf.stack([b for b, _ in updates])
+                after = moving_average_update(saved, batch, updates[0][1])
+            else:
+                for variable, update in zip(group, updates):
+                    if update:
+                        variable.assign(
+                            moving_average_update(tf.convert_to_tensor(variable), *update)
+                        )
+                after = _read(group)
+            for variable, value in zip(group, tf.unstack(tf.where(applied, after, saved))):
                 variable.assign(value)
+        if pending:
+            raise ValueError("moving averages queued for variables outside the step state")
         self._saved = None
 
 
