@@ -1,5 +1,6 @@
 """training.regularizers: spectral regularizer and BN penalty (docs/design.md#objective)."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from nvae_tf.layers.flows import MaskedConv2D
-from nvae_tf.layers.weight_norm import Conv2D
+from nvae_tf.layers.weight_norm import Conv2D, normalized_together
 from nvae_tf.training.regularizers import (
     SpectralRegularizer,
     batchnorm_penalty,
@@ -136,10 +137,11 @@ def test_gradient_reaches_kernels_not_vectors():
     assert all(g is None for g in grads[len(kernels) :])
 
 
-def _loss_and_gradients(convs, sr, variables, x):
+def _loss_and_gradients(convs, sr, variables, x, together=False):
     def step():
         with tf.GradientTape() as tape:
-            forward = tf.add_n([tf.reduce_sum(c(x) ** 2) for c in convs])
+            with normalized_together(convs) if together else contextlib.nullcontext():
+                forward = tf.add_n([tf.reduce_sum(c(x) ** 2) for c in convs])
             total = forward + sr()
         return total, tape.gradient(total, variables)
 
@@ -150,22 +152,25 @@ def test_reusing_the_forward_kernels_changes_nothing_but_the_graph():
     # In a traced step, the regularizer may take each conv's weight-normalized kernel from its
     # forward call: same value, same gradients, fewer ops. Never a stale kernel from elsewhere.
     x = tf.random.stateless_normal((2, 4, 4, 4), seed=[3, 4])
+    # With the forward pass's kernels normalized together, a shape group's matrices are one
+    # reshape of the forward's stack.
     results, sizes = [], []
-    for reuse in (False, True):
+    for reuse, together in ((False, False), (True, False), (True, True)):
         convs = make_convs()
-        keras.utils.set_random_seed(0)  # the same initial u, v for both
+        keras.utils.set_random_seed(0)  # the same initial u, v for all
         sr = SpectralRegularizer(reuse_forward_kernels=reuse)
         sr.build_for(convs)
         variables = [w for c in convs for w in c.trainable_weights]
 
-        step = tf.function(_loss_and_gradients(convs, sr, variables, x))
+        step = tf.function(_loss_and_gradients(convs, sr, variables, x, together))
         sizes.append(len(step.get_concrete_function().graph.get_operations()))
         total, grads = step()
         results.append([total, *grads])
-    for without, with_reuse in zip(*results):
-        # Only the summation order of the two gradient paths differs.
-        np.testing.assert_allclose(with_reuse.numpy(), without.numpy(), rtol=2e-5, atol=1e-5)
-    assert sizes[1] < sizes[0]
+    for without, *with_reuse in zip(*results):
+        for value in with_reuse:
+            # Only the summation order of the gradient paths differs.
+            np.testing.assert_allclose(value.numpy(), without.numpy(), rtol=2e-5, atol=1e-5)
+    assert sizes[2] < sizes[1] < sizes[0]
     # A kernel traced in another graph is never taken (TensorFlow would refuse the tensor).
     convs = make_convs()
     sr = SpectralRegularizer(reuse_forward_kernels=True)
@@ -277,7 +282,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     import keras
     from nvae_tf.layers.flows import MaskedConv2D
     from nvae_tf.training.regularizers import SpectralRegularizer
-    from nvae_tf.layers.weight_norm import Conv2D
+    from nvae_tf.layers.weight_norm import Conv2D, normalized_together
 
     def make_convs():
         convs = [Conv2D(6, 3), Conv2D(6, 3), Conv2D(4, 5, depthwise=True),

@@ -78,7 +78,9 @@ def normalized_together(layers):
         axes = tuple(a + 1 for a in group[0]._norm_axes())
         v = tf.stack([layer._masked_kernel() for layer in group])
         log_g = tf.stack([tf.convert_to_tensor(layer.log_g) for layer in group])
-        for layer, kernel in zip(group, tf.unstack(weight_normalize(v, log_g, axes))):
+        stack = weight_normalize(v, log_g, axes)
+        group[0]._group_stack.set((tuple(id(layer) for layer in group), stack))
+        for layer, kernel in zip(group, tf.unstack(stack)):
             layer._given_kernel.set(kernel)
     try:
         yield
@@ -86,6 +88,18 @@ def normalized_together(layers):
         for group in groups.values():
             for layer in group:
                 layer._given_kernel.clear()
+
+
+def normalized_stack(layers):
+    """The kernels of ``layers`` as ``normalized_together`` last stacked them in the graph and
+    replica traced now, when ``layers`` are exactly one of its shape groups; else None.
+
+    Lets the spectral regularizer take a group's matrices with one reshape of the stack
+    instead of a reshape per conv, a new stack and their gradients (same values)."""
+    last = layers[0]._group_stack.get() if layers else None
+    if last is None or last[0] != tuple(id(layer) for layer in layers):
+        return None
+    return last[1]
 
 
 def pointwise_conv2d(x, kernel, bias=None):
@@ -166,6 +180,7 @@ class Conv2D(keras.layers.Layer):
         self.log_g_offset = float(log_g_offset)
         self._forward_kernel = _LastKernel()
         self._given_kernel = _LastKernel()  # from normalized_together
+        self._group_stack = _LastKernel()  # (layer ids, stack) of the group this layer leads
 
     def kernel_mask(self, in_channels):
         """Multiplicative kernel mask (None = unmasked); masked subclasses override it."""

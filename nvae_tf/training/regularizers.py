@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from nvae_tf.layers.tracking import CheckpointListsMixin
+from nvae_tf.layers.weight_norm import normalized_stack
 
 _NORMALIZE_EPS = 1e-3  # the original's normalization floor (docs/design.md#spectral-regularization)
 # What one more bucket costs per power iteration (its ~20 small loop-body ops), in float32 matrix
@@ -191,17 +192,7 @@ class SpectralRegularizer(CheckpointListsMixin, keras.layers.Layer):
         )
         # Per shape group, w_t = W^T stacked: (layers, cols, rows), so W^T u = w_t u and
         # W v = v^T w_t; then per bucket, the groups zero-padded to one shape and concatenated.
-        w_t = [
-            tf.stack(
-                [
-                    tf.cast(
-                        self._convs.items[i].kernel_matrix(self.reuse_forward_kernels), tf.float32
-                    )
-                    for i in idx
-                ]
-            )
-            for idx in self._groups
-        ]
+        w_t = [self._stacked_matrices([self._convs.items[i] for i in idx]) for idx in self._groups]
         w_b = [_padded_concat([w_t[g] for g in bucket]) for bucket in self._buckets]
         u_b = [_padded_concat([_read(self.u_vars[g]) for g in b]) for b in self._buckets]
         v_b = [_padded_concat([_read(self.v_vars[g]) for g in b]) for b in self._buckets]
@@ -228,6 +219,14 @@ class SpectralRegularizer(CheckpointListsMixin, keras.layers.Layer):
         )
         self.initialized.assign(True)
         return total
+
+    def _stacked_matrices(self, convs):
+        """``(layers, cols, rows)``: the convs' kernel matrices (W^T), stacked."""
+        stack = normalized_stack(convs) if self.reuse_forward_kernels else None
+        if stack is not None:  # the forward pass's stack: the same values, one reshape
+            return tf.cast(tf.reshape(stack, (len(convs), -1, convs[0].filters)), tf.float32)
+        matrices = [conv.kernel_matrix(self.reuse_forward_kernels) for conv in convs]
+        return tf.stack([tf.cast(m, tf.float32) for m in matrices])
 
     def get_config(self):
         return {
