@@ -16,7 +16,7 @@ from nvae_tf.layers.normalization import BatchNorm, BNSwish, fused_batch_norm_tr
 from nvae_tf.layers.recompute import run_cells
 from nvae_tf.layers.skips import FactorizedReduce, UpSkip
 from nvae_tf.layers.squeeze_excitation import SqueezeExcitation
-from nvae_tf.layers.weight_norm import Conv2D
+from nvae_tf.layers.weight_norm import Conv2D, torch_uniform
 from nvae_tf.model import NVAE
 
 pytestmark = pytest.mark.usefixtures("seeded")
@@ -161,6 +161,21 @@ def test_weight_norm_effective_kernel_starts_at_raw_kernel(depthwise):
     fan_in = v[0].size
     assert np.abs(v).max() <= 1 / math.sqrt(fan_in)
     assert np.abs(conv.bias.numpy()).max() <= 1 / math.sqrt(fan_in)
+
+
+def test_torch_uniform_init_is_uniform_seeded_and_serializable():
+    init = torch_uniform(16)
+    keras.utils.set_random_seed(5)
+    a = init((64, 64), "float32")
+    keras.utils.set_random_seed(5)
+    b = init((64, 64), "float32")
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == np.float32 and np.abs(a).max() <= 0.25
+    # Uniform on (-0.25, 0.25): mean 0, variance 0.25^2 / 3.
+    assert abs(a.mean()) < 0.01 and a.var() == pytest.approx(0.25**2 / 3, rel=0.05)
+    assert init((3,), "bfloat16").dtype == "bfloat16"
+    restored = keras.initializers.deserialize(keras.initializers.serialize(init))
+    assert isinstance(restored, type(init)) and restored.bound == init.bound
 
 
 @pytest.mark.parametrize("depthwise", [False, True])

@@ -136,7 +136,8 @@ class SpectralRegularizer(CheckpointListsMixin, keras.layers.Layer):
 
         Args:
           conv_layers: built layers with ``kernel_matrix()`` returning the transposed
-            (cols, rows) weight matrix; ``u`` has one entry per row (output channel).
+            (cols, rows) weight matrix and ``kernel_matrix_shape`` its shape; ``u`` has one
+            entry per row (output channel).
         """
         if self.built:
             raise ValueError("SpectralRegularizer.build_for was already called")
@@ -147,7 +148,7 @@ class SpectralRegularizer(CheckpointListsMixin, keras.layers.Layer):
         for i, layer in enumerate(conv_layers):
             if not layer.built:
                 raise ValueError(f"layer {layer.name} must be built before build_for")
-            cols, rows = layer.kernel_matrix().shape
+            cols, rows = layer.kernel_matrix_shape
             groups.setdefault((rows, cols), []).append(i)
         self._convs = _Refs(conv_layers)
         self._groups = tuple(tuple(idx) for idx in groups.values())
