@@ -422,6 +422,34 @@ def test_factorized_reduce_channel_split_and_shifted_views():
     assert [c.filters for c in FactorizedReduce(60).convs] == [15, 15, 15, 15]
 
 
+def test_factorized_reduce_phases_match_shifted_views_with_gradients():
+    """Static even sizes take the space_to_depth path; unknown sizes the shifted slices: the
+    same output and, to rounding, the same gradients."""
+    fr = FactorizedReduce(10)
+    x = randn(2, 8, 8, 5)
+    fr(x)
+
+    def loss_and_grads(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fr(x)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        return y, tape.gradient(loss, [x, *fr.trainable_variables])
+
+    static = tf.function(loss_and_grads)
+    dynamic = tf.function(loss_and_grads, input_signature=[tf.TensorSpec((2, None, None, 5))])
+    assert "SpaceToDepth" in {
+        op.type for op in static.get_concrete_function(x).graph.get_operations()
+    }
+    assert "SpaceToDepth" not in {
+        op.type for op in dynamic.get_concrete_function().graph.get_operations()
+    }
+    (y_a, grads_a), (y_b, grads_b) = static(x), dynamic(x)
+    np.testing.assert_allclose(y_a, y_b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def bilinear_align_corners(x, out_h, out_w):
     """NumPy bilinear resize with align_corners=True (PyTorch/TF1 semantics), NHWC."""
     _, h, w, _ = x.shape

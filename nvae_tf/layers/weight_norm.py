@@ -280,14 +280,18 @@ class Conv2D(keras.layers.Layer):
             last = self.effective_kernel()
         return tf.reshape(last, (-1, self.filters))
 
-    def call(self, x):
+    def call(self, x, subsampled=False):
+        """``subsampled``: ``x`` holds just the pixels a 1x1 stride-2 conv reads (every other
+        row and column); they are convolved with stride 1."""
+        if subsampled and (self.kernel_size != 1 or self.depthwise):
+            raise ValueError("subsampled inputs are for 1x1 dense convs")
         kernel = self._given_kernel.get()
         if kernel is None:
             kernel = self.effective_kernel()
         self._forward_kernel.set(kernel)
         kernel = tf.cast(kernel, x.dtype)
         bias = tf.cast(self.bias, x.dtype) if self.use_bias else None
-        if self.strides == 1 and self.kernel_size == 1 and not self.depthwise:
+        if (self.strides == 1 or subsampled) and self.kernel_size == 1 and not self.depthwise:
             return pointwise_conv2d(x, kernel, bias)
         p = self.kernel_size // 2
         if self.strides == 1:
