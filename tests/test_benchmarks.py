@@ -330,3 +330,16 @@ def test_pointwise_conv_benchmark_times_both_forms(capsys):
     for row in rows:
         conv_ms, matmul_ms, speedup = row.split()[-3:]
         assert float(conv_ms) > 0 and float(matmul_ms) > 0 and speedup.endswith("x")
+
+
+def test_factorized_reduce_benchmark_times_both_paths(capsys):
+    """``benchmarks/factorized_reduce.py`` (the figure behind FactorizedReduce's phases) runs
+    and reports both timings for every shape."""
+    import factorized_reduce
+
+    factorized_reduce.main(["--calls", "1"])
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert len(rows) == len(factorized_reduce.SHAPES)
+    for row in rows:
+        slices_ms, phases_ms = row.split()[-2:]
+        assert float(slices_ms) > 0 and float(phases_ms) > 0
