@@ -6,8 +6,11 @@ optimizer skips a non-finite step, those updates (NaN, typically) must not stick
 batch poisons evaluation, sampling and every later checkpoint. ``StepState`` reads them before
 the step and writes the old values back when the step was skipped, with ``tf.where`` (the same
 program on every replica and under XLA; the skip decision is already replica-consistent).
-Own code: Keras' BatchNormalization has no switch to make its update conditional on a later
-result, and a ``tf.cond`` around the whole step cannot wrap the optimizer's cross-replica call.
+In NVAE's training step the BN updates are not applied in the forward pass at all: they are
+queued (``normalization.queued_moving_averages``) and applied here, to the snapshot, where the
+guard writes anyway. Own code: Keras' BatchNormalization has no switch to make its update
+conditional on a later result, and a ``tf.cond`` around the whole step cannot wrap the
+optimizer's cross-replica call.
 """
 
 import tensorflow as tf
