@@ -25,6 +25,13 @@ def torch_uniform(fan_in):
     return SymmetricUniform(1.0 / math.sqrt(fan_in))
 
 
+def _initial_value(value, dtype=None):
+    """A NumPy initial value as float32, or cast to ``dtype`` when that is another type."""
+    value = np.asarray(value, np.float32)
+    dtype = keras.backend.standardize_dtype(dtype or "float32")
+    return value if dtype == "float32" else keras.ops.cast(value, dtype)
+
+
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class SymmetricUniform(keras.initializers.Initializer):
     """U(-bound, bound), drawn by NumPy's global generator (``keras.utils.set_random_seed``
@@ -39,9 +46,7 @@ class SymmetricUniform(keras.initializers.Initializer):
         self.bound = float(bound)
 
     def __call__(self, shape, dtype=None):
-        value = np.random.uniform(-self.bound, self.bound, shape).astype(np.float32)
-        dtype = keras.backend.standardize_dtype(dtype or "float32")
-        return value if dtype == "float32" else keras.ops.cast(value, dtype)
+        return _initial_value(np.random.uniform(-self.bound, self.bound, shape), dtype)
 
     def get_config(self):
         return {"bound": self.bound}
@@ -242,9 +247,7 @@ class Conv2D(keras.layers.Layer):
         if self._mask is not None:
             kernel = kernel * self._mask
         norm = np.sqrt(np.sum(np.square(kernel), axis=self._norm_axes())).reshape(-1)
-        value = (np.log(norm + 0.01) + self.log_g_offset).astype(np.float32)
-        dtype = keras.backend.standardize_dtype(dtype or "float32")
-        return value if dtype == "float32" else keras.ops.cast(value, dtype)
+        return _initial_value(np.log(norm + 0.01) + self.log_g_offset, dtype)
 
     def _masked_kernel(self):
         kernel = tf.convert_to_tensor(self.kernel)
