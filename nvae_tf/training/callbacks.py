@@ -72,6 +72,7 @@ class TrainingDiagnostics(keras.callbacks.Callback):
         self.probe_images = tf.convert_to_tensor(probe_images)
         self.every_steps = int(every_steps)
         self._probe = None
+        self._schedule = None
         self._epoch = 0
         self._logged_step = None
 
@@ -102,26 +103,30 @@ class TrainingDiagnostics(keras.callbacks.Callback):
             logs.update(self._probe_values(step))
 
     def _schedule_values(self):
-        model = self.model
-        config, step = model.config, schedule_step(model.optimizer)
-        beta = kl_coefficient(
-            step,
-            model.objective.total_steps,
-            config.kl_anneal_portion,
-            config.kl_const_portion,
-            config.kl_const_coeff,
-        )
-        reg = regularizer_weight(
-            beta,
-            config.weight_decay_norm,
-            config.weight_decay_norm_anneal,
-            config.weight_decay_norm_init,
-        )
-        return {
-            "beta": float(beta),
-            "reg_weight": float(reg),
-            "learning_rate": float(model.optimizer.learning_rate),
-        }
+        if self._schedule is None:  # one compiled call per step instead of ~20 eager ops (~3 ms)
+            model = self.model
+            config = model.config
+
+            @tf.function
+            def schedule():
+                beta = kl_coefficient(
+                    schedule_step(model.optimizer),
+                    model.objective.total_steps,
+                    config.kl_anneal_portion,
+                    config.kl_const_portion,
+                    config.kl_const_coeff,
+                )
+                reg = regularizer_weight(
+                    beta,
+                    config.weight_decay_norm,
+                    config.weight_decay_norm_anneal,
+                    config.weight_decay_norm_init,
+                )
+                return beta, reg, tf.convert_to_tensor(model.optimizer.learning_rate)
+
+            self._schedule = schedule
+        beta, reg, learning_rate = (float(t) for t in self._schedule())
+        return {"beta": beta, "reg_weight": reg, "learning_rate": learning_rate}
 
     def _probe_values(self, step):
         if self._probe is None:
