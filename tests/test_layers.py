@@ -14,6 +14,7 @@ from nvae_tf.layers.depthwise import depthwise_conv2d_same
 from nvae_tf.layers.latent_group import LatentGroup
 from nvae_tf.layers.normalization import BatchNorm, BNSwish, fused_batch_norm_train
 from nvae_tf.layers.recompute import run_cells
+from nvae_tf.layers.shapes import known_shape
 from nvae_tf.layers.skips import FactorizedReduce, UpSkip
 from nvae_tf.layers.squeeze_excitation import SqueezeExcitation
 from nvae_tf.layers.weight_norm import Conv2D, torch_uniform
@@ -278,6 +279,17 @@ def test_depthwise_cpu_kernel_gradient_equals_tensorflows():
     for a, b, c in zip(native, ours, traced):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
+
+
+def test_known_shape_adds_no_op_when_static_and_reads_unknown_dims_at_run_time():
+    with tf.Graph().as_default() as graph:
+        x = tf.compat.v1.placeholder(tf.float32, (2, 7, 6, 5))
+        assert known_shape(x) == [2, 7, 6, 5]
+    assert [op.type for op in graph.get_operations()] == ["Placeholder"]
+    dynamic = tf.function(
+        lambda a: tf.stack(known_shape(a)), input_signature=[tf.TensorSpec((None, 7, None, 5))]
+    )
+    np.testing.assert_array_equal(dynamic(tf.zeros((3, 7, 4, 5))), [3, 7, 4, 5])
 
 
 # ----------------------------------------------------------------------------- SE (paper §3.1.1)

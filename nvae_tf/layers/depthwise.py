@@ -11,6 +11,7 @@ cuDNN's own gradient is used.
 import tensorflow as tf
 
 from nvae_tf.layers import lean_gradient
+from nvae_tf.layers.shapes import known_shape
 
 
 def depthwise_conv2d_same(x, kernel):
@@ -30,7 +31,7 @@ def _depthwise_conv2d_cpu(x, kernel):
     y = tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "SAME")
 
     def grad(dy):
-        dx = tf.nn.depthwise_conv2d_backprop_input(_shape(x), kernel, dy, (1, 1, 1, 1), "SAME")
+        dx = tf.nn.depthwise_conv2d_backprop_input(known_shape(x), kernel, dy, (1, 1, 1, 1), "SAME")
         return dx, _kernel_gradient(x, dy, kernel.shape[0])
 
     return y, grad
@@ -38,21 +39,10 @@ def _depthwise_conv2d_cpu(x, kernel):
 
 def _kernel_gradient(x, dy, k):
     p = k // 2
-    b, h, w, c = _shape(x, as_list=True)
+    b, h, w, c = known_shape(x)
     x_pad = tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
     # (1, H + 2p, W + 2p, C * B) input and (H, W, C * B, 1) filter: one image, C * B channels.
     images = tf.reshape(tf.transpose(x_pad, (1, 2, 3, 0)), [1, h + 2 * p, w + 2 * p, c * b])
     filters = tf.reshape(tf.transpose(dy, (1, 2, 3, 0)), [h, w, c * b, 1])
     per_image = tf.nn.depthwise_conv2d(images, filters, (1, 1, 1, 1), "VALID")  # (1, k, k, C*B)
     return tf.reduce_sum(tf.reshape(per_image, [k, k, c, b]), axis=-1, keepdims=True)
-
-
-def _shape(x, as_list=False):
-    """``x``'s shape with no graph ops where it is static: a list of Python ints, else (or
-    per unknown dimension with ``as_list``) read from ``tf.shape``."""
-    if x.shape.is_fully_defined():
-        return x.shape.as_list()
-    dynamic = tf.shape(x)
-    if not as_list:
-        return dynamic
-    return [d if d is not None else dynamic[i] for i, d in enumerate(x.shape.as_list())]

@@ -3,15 +3,15 @@
 import keras
 import tensorflow as tf
 
+from nvae_tf.layers.shapes import known_shape
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D
 
 
 def doubled_size(x):
     """``2 * (height, width)`` of NHWC ``x``: Python ints when static (no graph ops)."""
-    if x.shape[1] is not None and x.shape[2] is not None:
-        return [2 * x.shape[1], 2 * x.shape[2]]
-    return tf.shape(x)[1:3] * 2
+    height, width = known_shape(x)[1:3]
+    return [2 * height, 2 * width]
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from nvae_tf.layers import lean_gradient
 from nvae_tf.layers.depthwise import depthwise_conv2d_same
+from nvae_tf.layers.shapes import known_shape
 
 _NORM_EPS = 1e-5
 
@@ -138,9 +139,7 @@ def pointwise_conv2d(x, kernel, bias=None):
     y = tf.matmul(tf.reshape(x, [-1, cin]), tf.reshape(kernel, [cin, cout]))
     if bias is not None:
         y = tf.nn.bias_add(y, bias)
-    if x.shape[:3].is_fully_defined():  # static: no shape ops in the graph
-        return tf.reshape(y, [*x.shape[:3], cout])
-    return tf.reshape(y, tf.concat([tf.shape(x)[:3], [cout]], 0))
+    return tf.reshape(y, [*known_shape(x)[:3], cout])
 
 
 class _LastKernel:
