@@ -115,16 +115,16 @@ class DiscretizedLogisticMixture(tfd.Distribution):
         return tf.constant([3], dtype=tf.int32)
 
     def _components(self):
-        """Split params into logits (..., M) and means, log_scales, coeffs (..., 3, M)."""
+        """Split params into logits (..., M) and means, log_scales, coeffs (..., 3, M).
+
+        Splits rather than slices: the gradient of a split is one concat, that of each slice a
+        params-sized zero tensor summed with the others (~4% of a CIFAR-10 training step).
+        """
         m = self._num_mixtures
-        logits = self._params[..., :m]
-        rest = tf.reshape(
-            self._params[..., m:], tf.concat([tf.shape(self._params)[:-1], [3, 3 * m]], axis=0)
-        )
-        means = rest[..., :m]
-        log_scales = tf.maximum(rest[..., m : 2 * m], _LOG_SCALE_MIN)
-        coeffs = tf.tanh(rest[..., 2 * m :])
-        return logits, means, log_scales, coeffs
+        logits, rest = tf.split(self._params, [m, 9 * m], axis=-1)
+        rest = tf.reshape(rest, tf.concat([tf.shape(rest)[:-1], [3, 3 * m]], axis=0))
+        means, log_scales, coeffs = tf.split(rest, 3, axis=-1)
+        return logits, means, tf.maximum(log_scales, _LOG_SCALE_MIN), tf.tanh(coeffs)
 
     def _log_prob(self, x):
         logits, means, log_scales, coeffs = self._components()
@@ -135,8 +135,9 @@ class DiscretizedLogisticMixture(tfd.Distribution):
         k = tf.round(tf.cast(x, tf.float32) * max_val)  # (..., 3)
         x = 2.0 * k / max_val - 1.0
         r, g = x[..., 0:1], x[..., 1:2]  # (..., 1), broadcast over mixtures
-        shift_g = coeffs[..., 0, :] * r
-        shift_b = coeffs[..., 1, :] * r + coeffs[..., 2, :] * g
+        r_to_g, r_to_b, g_to_b = tf.unstack(coeffs, axis=-2)  # (..., M) each
+        shift_g = r_to_g * r
+        shift_b = r_to_b * r + g_to_b * g
         means = means + tf.stack(
             [tf.zeros_like(shift_g), shift_g, shift_b], axis=-2
         )  # observed R, G
