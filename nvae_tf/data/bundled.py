@@ -21,7 +21,7 @@ FILE_NAME = "mnist_5k.npz"
 
 
 def _read_file():
-    """``(images, labels)`` from the package's file; a missing or damaged file is a ``DataError``."""
+    """``(images, labels)`` from the package's file; a missing or damaged one is a ``DataError``."""
     resource = importlib.resources.files(__package__).joinpath(FILE_NAME)
     try:
         with resource.open("rb") as f, np.load(f, allow_pickle=False) as archive:
