@@ -35,7 +35,8 @@ class FactorizedReduce(CheckpointListsMixin, keras.layers.Layer):
 
     def call(self, x):
         x = keras.activations.silu(x)
-        if x.shape[1] is not None and x.shape[2] is not None and not (x.shape[1] | x.shape[2]) % 2:
+        height, width = x.shape[1], x.shape[2]
+        if height is not None and width is not None and height % 2 == 0 and width % 2 == 0:
             # The pixels the four stride-2 convs read are the four phases of each 2x2 block:
             # one space_to_depth and a split instead of shifted slices, whose gradients fill
             # zeros (forward + backward 3x faster on NVAE's shapes, the same values).

@@ -143,7 +143,8 @@ def pointwise_conv2d(x, kernel, bias=None):
 
 
 class _LastKernel:
-    """An effective kernel while tracing (a conv's last, or one given to it), and where."""
+    """A value set while tracing, and where: a conv's last effective kernel, one given to it,
+    or (on a group's first conv) the stack ``normalized_together`` built for the group."""
 
     key = None
     value = None
@@ -152,7 +153,7 @@ class _LastKernel:
         self.key, self.value = _trace_key(), value
 
     def get(self):
-        """The kernel if it was set in the graph and replica being traced now, else None."""
+        """The value if it was set in the graph and replica being traced now, else None."""
         return self.value if self.key is not None and self.key == _trace_key() else None
 
     def clear(self):
