@@ -98,6 +98,20 @@ def test_iw_estimate_masks_the_overshoot_of_the_last_chunk(k, per_pass):
     np.testing.assert_allclose(elbo, -4.0, atol=1e-5)
 
 
+def test_iw_estimate_runs_its_passes_one_at_a_time():
+    """A traced while loop may run iterations side by side; chunking is there to bound memory."""
+
+    def constant(n, seed):
+        del seed
+        return tf.fill([n, 3], -2.5), tf.fill([n, 3], -4.0)
+
+    traced = tf.function(lambda: iw_estimate(constant, 1000, 64, tf.constant([0, 0])))
+    ops = traced.get_concrete_function().graph.get_operations()
+    loops = [op for op in ops if op.type in ("While", "StatelessWhile")]
+    assert loops
+    assert all(op.get_attr("parallel_iterations") == 1 for op in loops)
+
+
 @pytest.mark.parametrize("k, per_pass, passes", [(100, 64, [50, 50]), (1000, 64, [63] * 16)])
 def test_iw_estimate_balances_its_passes(k, per_pass, passes):
     seen = []

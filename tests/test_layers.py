@@ -281,6 +281,50 @@ def test_depthwise_cpu_kernel_gradient_equals_tensorflows():
         np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
 
 
+def _depends_on(op, target):
+    """Whether ``op`` is ``target`` or runs after it (data or control edges)."""
+    seen, todo = set(), [op]
+    while todo:
+        current = todo.pop()
+        if current is target:
+            return True
+        if current.name not in seen:
+            seen.add(current.name)
+            todo += [t.op for t in current.inputs] + list(current.control_inputs)
+    return False
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "bn_swish"])
+def test_backward_recomputation_waits_for_the_upstream_gradient(kind):
+    """What a hand-written gradient recomputes from forward tensors (the depthwise kernel
+    gradient's transposed input, BN-Swish's activation) must not run in the forward pass: the
+    executor runs any op whose inputs are ready, and would keep the result until the backward
+    pass, an activation-sized tensor per layer (MNIST's step: ~430 MB at its peak)."""
+    shape = (2, 6, 6, 4)
+
+    @tf.function(input_signature=[tf.TensorSpec(shape)] * 2)
+    def backward(x, d_out):
+        kernel, gamma, beta = tf.ones((5, 5, 4, 1)), tf.ones(4), tf.zeros(4)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            if kind == "depthwise":
+                y = depthwise_conv2d_same(x, kernel)
+            else:
+                y = fused_batch_norm_train(x, gamma, beta, 1e-5, swish=True)[0]
+        return tape.gradient(y, x, output_gradients=d_out)
+
+    graph = backward.get_concrete_function().graph
+    d_out = graph.inputs[1].op
+    ops = graph.get_operations()
+    if kind == "depthwise":
+        recomputed = [op for op in ops if op.type == "Transpose"]
+    else:
+        recomputed = [op for op in ops if op.type.startswith("FusedBatchNorm")]
+        recomputed = [op for op in recomputed if not op.get_attr("is_training")]
+    assert recomputed
+    assert all(_depends_on(op, d_out) for op in recomputed)
+
+
 def test_known_shape_adds_no_op_when_static_and_reads_unknown_dims_at_run_time():
     with tf.Graph().as_default() as graph:
         x = tf.compat.v1.placeholder(tf.float32, (2, 7, 6, 5))

@@ -51,6 +51,7 @@ def iw_estimate(sample_fn, num_samples, samples_per_pass, seed):
             tf.TensorArray(tf.float32, size=num_chunks),
             tf.TensorArray(tf.float32, size=num_chunks),
         ),
+        parallel_iterations=1,  # one chunk in memory at a time: the point of chunking
     )
     k = tf.cast(k_total, tf.float32)
     log_likelihood = tf.reduce_logsumexp(chunk_lse.stack(), axis=0) - tf.math.log(k)

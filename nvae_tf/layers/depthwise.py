@@ -32,7 +32,7 @@ def _depthwise_conv2d_cpu(x, kernel):
 
     def grad(dy):
         dx = tf.nn.depthwise_conv2d_backprop_input(known_shape(x), kernel, dy, (1, 1, 1, 1), "SAME")
-        return dx, _kernel_gradient(x, dy, kernel.shape[0])
+        return dx, _kernel_gradient(lean_gradient.after(x, dy), dy, kernel.shape[0])
 
     return y, grad
 

@@ -169,7 +169,13 @@ def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False):
             if swish:
                 biased = variance * ((n - 1.0) / n)
                 y_again = tf.compat.v1.nn.fused_batch_norm(
-                    x, gamma, beta, mean, biased, epsilon, is_training=False
+                    lean_gradient.after(x, d_out),
+                    gamma,
+                    beta,
+                    mean,
+                    biased,
+                    epsilon,
+                    is_training=False,
                 )[0]
                 s = tf.sigmoid(y_again)
                 d_y = d_out * (s * (1.0 + y_again * (1.0 - s)))
