@@ -28,6 +28,7 @@ from nvae_tf.layers.recompute import recompute_cells, run_cells
 from nvae_tf.layers.tracking import CheckpointListsMixin
 from nvae_tf.layers.weight_norm import Conv2D, normalized_together
 from nvae_tf.output import NVAEOutput
+from nvae_tf.training.deferred_gradient import add_deferred
 from nvae_tf.training.guarded_optimizer import (
     GuardedOptimizer,
     global_norm,
@@ -352,13 +353,15 @@ class NVAE(CheckpointListsMixin, keras.Model):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         state = StepState(self)  # a skipped step leaves BN stats, u/v and metrics as they were
         state.snapshot()
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=True) as tape:
             with self._forward_by_shape() as moving_averages:
                 out = self(x, training=True)
             terms = self.objective(self, out, x, schedule_step(self.optimizer))
             # Gradients are summed over replicas: each contributes its share of the mean.
-            scaled = self.optimizer.scale_loss(terms.loss / replicas)
+            scaled = self.optimizer.scale_loss(terms.loss_but_spectral / replicas)
+            spectral = self.optimizer.scale_loss(terms.reg_weight * terms.spectral / replicas)
         grads = tape.gradient(scaled, self.trainable_variables)
+        grads = add_deferred(tape, spectral, grads, self.trainable_variables)  # memory peak
         # A non-finite loss must skip the step even if its gradients happen to be finite.
         grads[0] = tf.where(tf.math.is_finite(terms.loss), grads[0], float("nan"))
         scale = tf.cast(self.optimizer.scale_loss(1.0), tf.float32)

@@ -95,3 +95,16 @@ def colour_images(batch, size=16, bits=8, seed=0):
 
 
 SEED = 1234  # the global seed of the ``seeded`` fixture
+
+
+def depends_on(op, target):
+    """Whether graph op ``op`` is ``target`` or runs after it (data or control edges)."""
+    seen, todo = set(), [op]
+    while todo:
+        current = todo.pop()
+        if current is target:
+            return True
+        if current.name not in seen:
+            seen.add(current.name)
+            todo += [t.op for t in current.inputs] + list(current.control_inputs)
+    return False

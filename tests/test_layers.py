@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import tiny_config
+from support import depends_on, tiny_config
 
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.layers.combiners import DecoderCombiner, EncoderCombiner
@@ -281,19 +281,6 @@ def test_depthwise_cpu_kernel_gradient_equals_tensorflows():
         np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
 
 
-def _depends_on(op, target):
-    """Whether ``op`` is ``target`` or runs after it (data or control edges)."""
-    seen, todo = set(), [op]
-    while todo:
-        current = todo.pop()
-        if current is target:
-            return True
-        if current.name not in seen:
-            seen.add(current.name)
-            todo += [t.op for t in current.inputs] + list(current.control_inputs)
-    return False
-
-
 @pytest.mark.parametrize("kind", ["depthwise", "bn_swish"])
 def test_backward_recomputation_waits_for_the_upstream_gradient(kind):
     """What a hand-written gradient recomputes from forward tensors (the depthwise kernel
@@ -322,7 +309,7 @@ def test_backward_recomputation_waits_for_the_upstream_gradient(kind):
         recomputed = [op for op in ops if op.type.startswith("FusedBatchNorm")]
         recomputed = [op for op in recomputed if not op.get_attr("is_training")]
     assert recomputed
-    assert all(_depends_on(op, d_out) for op in recomputed)
+    assert all(depends_on(op, d_out) for op in recomputed)
 
 
 def test_known_shape_adds_no_op_when_static_and_reads_unknown_dims_at_run_time():

@@ -10,9 +10,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import depends_on
 
 from nvae_tf.layers.flows import MaskedConv2D
 from nvae_tf.layers.weight_norm import Conv2D, normalized_together
+from nvae_tf.training.deferred_gradient import add_deferred
 from nvae_tf.training.regularizers import (
     SpectralRegularizer,
     batchnorm_penalty,
@@ -417,3 +419,29 @@ def test_batchnorm_penalty_gradient_matches_per_layer_maxima():
     for got, want in zip(tape.gradient(batched, variables), tape.gradient(per_layer, variables)):
         np.testing.assert_allclose(got, want, rtol=1e-7)
     np.testing.assert_allclose(tape.gradient(batched, variables)[1], [0.5, 0.5, 0.0, 0.0])
+
+
+def test_add_deferred_gives_the_sum_and_computes_its_term_after_the_others():
+    """The deferred term's gradient (the spectral regularizer's in the step) must wait for
+    every other gradient: computed early, it would be held through the backward pass."""
+    a, b = tf.constant([0.3, -1.2, 2.0]), tf.constant([1.5, 0.5, -0.7])
+
+    def grads(deferred):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([a, b])
+            main = tf.reduce_sum(tf.sin(a) * b)
+            late = tf.reduce_sum(tf.square(a))
+            total = main + late
+        if not deferred:
+            return tape.gradient(total, [a, b])
+        return add_deferred(tape, late, tape.gradient(main, [a, b]), [a, b])
+
+    for ours, reference in zip(grads(True), grads(False)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-6)
+
+    graph = tf.function(lambda: grads(True)).get_concrete_function().graph
+    ops = graph.get_operations()
+    ready = next(i for i, op in enumerate(ops) if op.type == "NoOp")
+    later = [op for op in ops[ready + 1 :] if op.name.startswith("gradient_tape/")]
+    assert later
+    assert all(depends_on(op, ops[ready]) for op in later)

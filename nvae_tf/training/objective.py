@@ -18,6 +18,7 @@ class LossTerms(NamedTuple):
     """The scalars of one training step (batch means of per-image values, in nats)."""
 
     loss: tf.Tensor  # what is minimised: balanced, beta-weighted KL and the regularizers
+    loss_but_spectral: tf.Tensor  # loss - reg_weight * spectral, differentiated separately
     nelbo: tf.Tensor  # the unweighted negative ELBO
     recon: tf.Tensor
     kl: tf.Tensor
@@ -54,11 +55,10 @@ class Objective:
         bn = (
             batchnorm_penalty(model.batchnorm_layers()) if c.weight_decay_norm > 0 else tf.zeros([])
         )
-        loss = tf.reduce_mean(recon + balanced_kl(kl, beta, self.alpha)) + reg_weight * (
-            spectral + bn
-        )
+        rest = tf.reduce_mean(recon + balanced_kl(kl, beta, self.alpha)) + reg_weight * bn
         return LossTerms(
-            loss=loss,
+            loss=rest + reg_weight * spectral,
+            loss_but_spectral=rest,
             nelbo=tf.reduce_mean(outputs.negative_elbo(x)),  # shares recon's log_prob in graphs
             recon=tf.reduce_mean(recon),
             kl=tf.reduce_mean(tf.reduce_sum(kl, axis=1)),
