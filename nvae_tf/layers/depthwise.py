@@ -10,7 +10,7 @@ cuDNN's own gradient is used.
 
 import tensorflow as tf
 
-from nvae_tf.layers import lean_gradient
+from nvae_tf.layers import lean_gradient, ordering
 from nvae_tf.layers.shapes import known_shape
 
 
@@ -32,7 +32,7 @@ def _depthwise_conv2d_cpu(x, kernel):
 
     def grad(dy):
         dx = tf.nn.depthwise_conv2d_backprop_input(known_shape(x), kernel, dy, (1, 1, 1, 1), "SAME")
-        return dx, _kernel_gradient(lean_gradient.after(x, dy), dy, kernel.shape[0])
+        return dx, _kernel_gradient(ordering.after(x, dy), dy, kernel.shape[0])
 
     return y, grad
 

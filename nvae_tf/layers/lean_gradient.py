@@ -1,5 +1,4 @@
-"""Hand-written gradients without hidden costs: ``custom_gradient`` (no dead zeros tensor for
-each input) and ``after`` (recomputation that waits for the backward pass).
+"""``tf.custom_gradient`` without a dead zeros tensor for each input.
 
 Inside a ``tf.function``, a custom gradient is recorded on the tape as one op whose outputs are
 the function's results followed by its inputs. The tape gives every output that receives no
@@ -27,15 +26,3 @@ def custom_gradient(f):
 
     recorded.__name__ = _OP_TYPE
     return tf.custom_gradient(recorded)
-
-
-def after(x, upstream):
-    """``x``, available only once ``upstream`` (a gradient arriving) exists.
-
-    For what a gradient function recomputes from forward tensors: TensorFlow's executor runs an
-    op as soon as its inputs are ready, so without this the recomputation would run during the
-    forward pass and its result stay alive until the backward pass used it, which is the memory
-    the recomputation was meant to save (MNIST's paper config: ~430 MB at the step's peak).
-    """
-    with tf.control_dependencies([upstream]):
-        return tf.identity(x)

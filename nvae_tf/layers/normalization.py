@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from nvae_tf.layers import lean_gradient
+from nvae_tf.layers import lean_gradient, ordering
 
 BN_MOMENTUM = 0.95
 BN_EPSILON = 1e-5
@@ -169,7 +169,7 @@ def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False):
             if swish:
                 biased = variance * ((n - 1.0) / n)
                 y_again = tf.compat.v1.nn.fused_batch_norm(
-                    lean_gradient.after(x, d_out),
+                    ordering.after(x, d_out),
                     gamma,
                     beta,
                     mean,
