@@ -8,7 +8,6 @@ Forward pass, top-down once (docs/design.md#forward-pass)::
     s -> post-process cells -> ELU -> output conv -> decoder distribution p(x | z)
 """
 
-import contextlib
 from collections.abc import Sequence
 
 import keras
@@ -23,21 +22,15 @@ from nvae_tf.inference.likelihood import bits_per_dim, importance_weighted
 from nvae_tf.inference.sampling import decoder_images, fold_seed, prior_images
 from nvae_tf.layers.cells import DecoderCell, EncoderCell
 from nvae_tf.layers.latent_group import LatentGroup
-from nvae_tf.layers.normalization import BatchNorm, queued_moving_averages
+from nvae_tf.layers.normalization import BatchNorm
 from nvae_tf.layers.recompute import recompute_cells, run_cells
 from nvae_tf.layers.tracking import CheckpointListsMixin
-from nvae_tf.layers.weight_norm import Conv2D, normalized_together
+from nvae_tf.layers.weight_norm import Conv2D
 from nvae_tf.output import NVAEOutput
-from nvae_tf.training.deferred_gradient import add_deferred
-from nvae_tf.training.guarded_optimizer import (
-    GuardedOptimizer,
-    global_norm,
-    make_optimizer,
-    schedule_step,
-)
+from nvae_tf.training.guarded_optimizer import make_optimizer
 from nvae_tf.training.objective import LossTerms, Objective
 from nvae_tf.training.regularizers import SpectralRegularizer
-from nvae_tf.training.step_state import StepState
+from nvae_tf.training.train_step import run_train_step
 
 tfd = tfp.distributions
 # A stateless seed: shape (2,) integers (or one integer), or None for the model's generator.
@@ -349,53 +342,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         return list(self._trackers.values())
 
     def train_step(self, data):
-        x = _images_of(data)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        state = StepState(self)  # a skipped step leaves BN stats, u/v and metrics as they were
-        state.snapshot()
-        with tf.GradientTape(persistent=True) as tape:
-            with self._forward_by_shape() as moving_averages:
-                out = self(x, training=True)
-            terms = self.objective(self, out, x, schedule_step(self.optimizer))
-            # Gradients are summed over replicas: each contributes its share of the mean.
-            scaled = self.optimizer.scale_loss(terms.loss_but_spectral / replicas)
-            spectral = self.optimizer.scale_loss(terms.reg_weight * terms.spectral / replicas)
-        grads = tape.gradient(scaled, self.trainable_variables)
-        grads = add_deferred(tape, spectral, grads, self.trainable_variables)  # memory peak
-        # A non-finite loss must skip the step even if its gradients happen to be finite.
-        grads[0] = tf.where(tf.math.is_finite(terms.loss), grads[0], float("nan"))
-        scale = tf.cast(self.optimizer.scale_loss(1.0), tf.float32)
-        raw_norm = global_norm(grads)
-        grad_norm = raw_norm / scale * replicas
-        if isinstance(self.optimizer, GuardedOptimizer):
-            self.optimizer.apply(grads, self.trainable_variables, global_norm=raw_norm)
-        else:
-            self.optimizer.apply(grads, self.trainable_variables)
-        values = {
-            **terms._asdict(),
-            "grad_norm": grad_norm,
-            "bpd": bits_per_dim(terms.nelbo, self.config.num_output_dims),
-        }
-        for name, value in values.items():
-            if name in self._trackers:
-                self._trackers[name].update_state(value)
-        state.restore_unless(tf.equal(self.optimizer.consecutive_skips, 0), moving_averages)
-        return {
-            **{name: tracker.result() for name, tracker in self._trackers.items()},
-            "skipped_steps": self.optimizer.skipped_steps,
-            "consecutive_skips": self.optimizer.consecutive_skips,
-        }
-
-    @contextlib.contextmanager
-    def _forward_by_shape(self):
-        """The training forward pass weight-normalizes its kernels by shape and queues its BN
-        moving-average updates for ``StepState`` (fewer graph ops); yields the queue. Under
-        recompute each layer does its own, inside the recomputed block (an empty queue)."""
-        if self.config.recompute != "none":
-            yield []
-            return
-        with normalized_together(self.conv_layers()), queued_moving_averages() as queue:
-            yield queue
+        return run_train_step(self, _images_of(data))
 
     def test_step(self, data):
         x = _images_of(data)

@@ -16,14 +16,14 @@ reproduces an uninterrupted one step for step (given deterministic ops). Under
 does not fit the others: there the data stream restarts on resume, reseeded by the step.
 ``model.fit(load_dataset(...), ...)`` keeps working for library users with the same callbacks.
 
-Parts: ``run_inputs`` (checks before writing), ``step_loop`` (the loop), ``checkpointing``,
-``held_out`` (evaluation), ``signals``, ``watchdog`` and ``rollback`` (long-run reliability).
+Parts: ``run_inputs`` (checks before writing), ``resume`` (what a run continues from),
+``step_loop`` (the loop), ``checkpointing``, ``held_out`` (evaluation), ``signals``,
+``watchdog`` and ``rollback`` (long-run reliability).
 """
 
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -188,57 +188,6 @@ class _Run(RunInputs):
             model.optimizer.build(model.trainable_variables)  # before the first traced step
         return model
 
-    def _restore(self, model):
-        """Restore the newest intact checkpoint (if any) and the data iterator to continue."""
-        import tensorflow as tf
-
-        from nvae_tf.run_dir import (
-            RunDirectoryError,
-            checkpoint_dir,
-            intact_checkpoint,
-            restore_model,
-        )
-
-        # Keras metrics are not trackable themselves; their variables are (epoch averages).
-        metrics = {f"{m.name}_{v.name}": v for m in model.metrics for v in m.variables}
-        state = {"model": model, "optimizer": model.optimizer, "metrics": metrics}
-        directory = checkpoint_dir(self.out_dir)
-        aside = self.chief and not self.multi_worker  # others may be reading the directory
-        path = intact_checkpoint(directory, set_aside=aside) if self.resume else None
-        if self.resume and path is None and self.chief:
-            print(
-                f"--resume: no checkpoint in {directory} yet; starting from scratch",
-                file=sys.stderr,
-            )
-        if path:
-            try:
-                tf.train.Checkpoint(**state).restore(
-                    path
-                ).expect_partial().assert_existing_objects_matched()
-            except AssertionError:  # e.g. written by a version without some of today's state
-                raise RunDirectoryError(
-                    f"--resume: {path} does not hold this version's training state (model, "
-                    "optimizer and metrics); continue it with the nvae-tf that wrote it"
-                ) from None
-        elif self.init_from:  # a warm start: the weights only (EMA weights if it kept them)
-            source = restore_model(self.init_from)
-            for variable, value in zip(model.weights, source.weights, strict=True):
-                variable.assign(value)
-        step = _global_step(model)
-        saved = self.saved_config
-        same_data = saved is None or saved.data_dir == self.config.data_dir
-        exact = not self.multi_worker and same_data
-        if path and not exact:  # a fresh, reseeded stream: the saved position does not apply
-            self._make_datasets(seed=self.config.seed + step)
-        iterator = iter(self.train_data)
-        if path and exact:
-            tf.train.Checkpoint(data=iterator).restore(
-                path
-            ).expect_partial().assert_existing_objects_matched()
-        if not self.multi_worker:
-            state["data"] = iterator
-        return tf.train.Checkpoint(**state), iterator, path, step
-
     def _callbacks(self, manager, writer, verbose, log_every, image_every, saves):
         from nvae_tf.training import callbacks as cb
         from nvae_tf.training.checkpointing import CheckpointSaver
@@ -291,7 +240,8 @@ class _Run(RunInputs):
 
         from nvae_tf.model import TRAIN_METRICS
         from nvae_tf.run_dir import checkpoint_dir, remove_partial_saves
-        from nvae_tf.training.callbacks import CSVMetrics
+        from nvae_tf.training.callbacks import CSVMetrics, global_step
+        from nvae_tf.training.resume import restore_run
         from nvae_tf.training.rollback import Rollback
         from nvae_tf.training.step_loop import StepLoop
 
@@ -300,7 +250,7 @@ class _Run(RunInputs):
             self._write_run_dir()
             remove_partial_saves(checkpoint_dir(self.out_dir))  # before looking for the newest
         model = self._build_model()
-        checkpoint, iterator, restored, step = self._restore(model)
+        checkpoint, iterator, restored, step = restore_run(self, model)
         total = c.epochs * self.steps_per_epoch
         stop_at = min(total, steps) if steps else total
         # Only the chief writes the run directory; other workers save (all must take part)
@@ -348,7 +298,7 @@ class _Run(RunInputs):
             logs, evaluated = loop.run_to(stop_at, watchdog)
             if guard.message:
                 raise TrainingDiverged(guard.message)
-            step = _global_step(model)
+            step = global_step(model)
             if self.stop.signal:
                 raise TrainingInterrupted(
                     self.stop.signal,
@@ -414,9 +364,3 @@ class _Run(RunInputs):
             f"(negative ELBO {result['test_nelbo']:.2f} nats)"
         )
         print(f"run directory: {self.out_dir}")
-
-
-def _global_step(model):
-    from nvae_tf.training.callbacks import global_step
-
-    return global_step(model)
