@@ -384,6 +384,47 @@ def test_decoder_cells_shapes_and_expansion_from_input_width(expansion):
     assert isinstance(up.up_skip, UpSkip) and normal.up_skip is None
 
 
+@pytest.mark.parametrize(
+    "make, fused_convs",
+    [
+        (lambda: DecoderCell(6), ("depthwise", "project")),
+        (lambda: DecoderCell(6, upsample=True), ("depthwise", "project")),
+        (lambda: EncoderCell(), ("conv_1", "conv_2")),
+        (lambda: EncoderCell(downsample=True), ("conv_2",)),  # conv_1 has stride 2
+    ],
+)
+def test_cell_training_gradients_equal_the_unfused_layers(make, fused_convs, monkeypatch):
+    """In training, a BN-Swish runs with the conv after it as one op whose gradient recomputes
+    the Swish output (layers/linear_ops.py): same output, same gradients for the input and
+    every variable as the layers one after the other, inside tf.function."""
+    cell = make()
+    x = randn(2, 4, 4, 8)
+    weights = randn(*cell(x, training=False).shape)
+
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = cell(x, training=True, update_stats=False)
+            loss = tf.reduce_sum(tf.sin(y) * weights)
+        return [y, *tape.gradient(loss, [x, *cell.trainable_variables])]
+
+    taken, as_linear_op = [], Conv2D.as_linear_op
+
+    def recording(conv):
+        op = as_linear_op(conv)
+        taken.extend([conv.name] if op else [])
+        return op
+
+    monkeypatch.setattr(Conv2D, "as_linear_op", recording)
+    fused = tf.function(step)()
+    assert tuple(taken) == fused_convs
+    monkeypatch.setattr(Conv2D, "as_linear_op", lambda self: None)
+    plain = tf.function(step)()
+    assert len(fused) == len(plain) == 2 + len(cell.trainable_variables)
+    for a, b in zip(fused, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_cell_op_order_follows_spec():
     """Compose the sub-layers by hand in the order of docs/design.md#cells (SE off)."""
     x = randn(2, 4, 4, 8)

@@ -59,8 +59,9 @@ class EncoderCell(_ResidualCell):
         self.reduce = FactorizedReduce(cout, name="reduce") if self.downsample else None
 
     def branch(self, x, training, update_stats):
-        y = self.conv_1(self.bn_swish_1(x, training=training, update_stats=update_stats))
-        return self.conv_2(self.bn_swish_2(y, training=training, update_stats=update_stats))
+        # conv(BN-Swish(x)), the Swish output recomputed for the conv's kernel gradient.
+        y = self.bn_swish_1(x, training=training, update_stats=update_stats, then=self.conv_1)
+        return self.bn_swish_2(y, training=training, update_stats=update_stats, then=self.conv_2)
 
     def skip(self, x):
         return self.reduce(x) if self.downsample else x
@@ -117,8 +118,9 @@ class DecoderCell(_ResidualCell):
         if not (training and self.trainable):
             return self._folded_branch(x)
         y = self.expand(self.bn_in(x, training=training, update_stats=update_stats))
-        y = self.depthwise(self.bn_swish_1(y, training=training, update_stats=update_stats))
-        y = self.project(self.bn_swish_2(y, training=training, update_stats=update_stats))
+        # conv(BN-Swish(y)), the Swish output recomputed for the conv's kernel gradient.
+        y = self.bn_swish_1(y, training=training, update_stats=update_stats, then=self.depthwise)
+        y = self.bn_swish_2(y, training=training, update_stats=update_stats, then=self.project)
         return self.bn_out(y, training=training, update_stats=update_stats)
 
     def _folded_branch(self, x):

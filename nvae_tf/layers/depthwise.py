@@ -32,9 +32,17 @@ def _depthwise_conv2d_cpu(x, kernel):
 
     def grad(dy):
         dx = tf.nn.depthwise_conv2d_backprop_input(known_shape(x), kernel, dy, (1, 1, 1, 1), "SAME")
-        return dx, _kernel_gradient(ordering.after(x, dy), dy, kernel.shape[0])
+        return dx, depthwise_kernel_gradient(ordering.after(x, dy), dy, kernel)
 
     return y, grad
+
+
+def depthwise_kernel_gradient(x, dy, kernel):
+    """The kernel gradient of the stride-1 "SAME" depthwise conv of ``x`` by ``kernel``, given
+    the output gradient ``dy``: TensorFlow's own on GPUs, the faster form above on CPUs."""
+    if tf.config.list_logical_devices("GPU"):
+        return tf.nn.depthwise_conv2d_backprop_filter(x, kernel.shape, dy, (1, 1, 1, 1), "SAME")
+    return _kernel_gradient(x, dy, kernel.shape[0])
 
 
 def _kernel_gradient(x, dy, k):

@@ -28,9 +28,17 @@ class BatchNorm(keras.layers.BatchNormalization):
     def __init__(self, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=True, **kwargs):
         super().__init__(momentum=momentum, epsilon=epsilon, synchronized=synchronized, **kwargs)
 
-    def call(self, inputs, training=None, update_stats=True, swish=False):
+    def call(self, inputs, training=None, update_stats=True, swish=False, then=None):
         """``swish=True`` applies Swish after normalizing (``BNSwish``), inside the same
-        hand-written training gradient."""
+        hand-written training gradient. ``then``: a conv layer applied to the result (returns
+        its output); in float32 training with fused kernels, the conv's kernel gradient then
+        recomputes its input instead of keeping it (``layers/linear_ops.py``)."""
+        linear = None
+        if then is not None:
+            if training and self.trainable and self.compute_dtype == "float32":
+                linear = then.as_linear_op() if self._fusable(inputs) else None
+            if linear is None:
+                return then(self.call(inputs, training, update_stats, swish))
         if not (training and self.trainable):
             out = self._inference(inputs)
             # Written out, Grappler's remapper fuses it into one kernel (Keras' silu has a
@@ -39,7 +47,11 @@ class BatchNorm(keras.layers.BatchNormalization):
         x = ops.cast(inputs, "float32")
         gamma, beta = self._float32_or(self.gamma, 1.0), self._float32_or(self.beta, 0.0)
         if self._fusable(x):
-            out, mean, variance = fused_batch_norm_train(x, gamma, beta, self.epsilon, swish)
+            out, mean, variance = fused_batch_norm_train(
+                x, gamma, beta, self.epsilon, swish, then=linear
+            )
+            if linear is not None and then.use_bias:
+                out = tf.nn.bias_add(out, ops.cast(then.bias, "float32"))
         else:
             mean, variance, count = self._moments_and_count(x)
             out = tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
@@ -141,7 +153,7 @@ def moving_average_update(moving, batch, momentum):
     return moving - (moving - batch) * (1.0 - momentum)
 
 
-def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False):
+def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False, then=None):
     """Training-mode BN (then Swish when ``swish``) of NHWC ``x``, with one fused kernel each
     way: 2x faster than the op-by-op form on CPU.
 
@@ -150,14 +162,18 @@ def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False):
     six-output op builds dead zeros for every unused output (~1,500 graph ops in MNIST's step),
     and Swish's input need not be kept for the backward pass: it is recomputed from ``x``
     (kept anyway) and the batch statistics, one activation-sized tensor less per layer.
+
+    ``then``: ``(op, kernel)``, a conv of ``layers/linear_ops.py`` applied to the output, whose
+    kernel gradient then reads the recomputed output instead of a kept one.
     """
     n = x.shape[:3].num_elements()  # static when known: no graph ops
     if n is None:
         n = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+    op, kernel = then or (None, None)
     stats = []
 
     @lean_gradient.custom_gradient
-    def normalize(x, gamma, beta):
+    def normalize(x, gamma, beta, *kernel_arg):
         y, mean, variance, *reserve = tf.raw_ops.FusedBatchNormV3(
             x=x, scale=gamma, offset=beta, mean=_EMPTY, variance=_EMPTY,
             epsilon=epsilon, is_training=True,
@@ -165,8 +181,8 @@ def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False):
         stats.extend([mean, variance])
 
         def grad(d_out):
-            d_y = d_out
-            if swish:
+            d_y, d_kernel = d_out, ()
+            if swish or op:
                 biased = variance * ((n - 1.0) / n)
                 y_again = tf.compat.v1.nn.fused_batch_norm(
                     ordering.after(x, d_out),
@@ -177,18 +193,24 @@ def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False):
                     epsilon,
                     is_training=False,
                 )[0]
-                s = tf.sigmoid(y_again)
-                d_y = d_out * (s * (1.0 + y_again * (1.0 - s)))
+                s = tf.sigmoid(y_again) if swish else None
+                if op:
+                    out_again = y_again * s if swish else y_again
+                    d_y, d_k = op.backward(out_again, kernel_arg[0], d_out)
+                    d_kernel = (d_k,)
+                if swish:
+                    d_y = d_y * (s * (1.0 + y_again * (1.0 - s)))
             d_x, d_gamma, d_beta = tf.raw_ops.FusedBatchNormGradV3(
                 y_backprop=d_y, x=x, scale=gamma, reserve_space_1=reserve[0],
                 reserve_space_2=reserve[1], reserve_space_3=reserve[2], epsilon=epsilon,
                 is_training=True,
             )[:3]  # fmt: skip
-            return d_x, d_gamma, d_beta
+            return (d_x, d_gamma, d_beta, *d_kernel)
 
-        return (y * tf.sigmoid(y) if swish else y), grad
+        out = y * tf.sigmoid(y) if swish else y
+        return (op.forward(out, kernel_arg[0]) if op else out), grad
 
-    out = normalize(x, gamma, beta)
+    out = normalize(x, gamma, beta, *([kernel] if op else []))
     return out, stats[0], stats[1]
 
 
@@ -222,5 +244,6 @@ class BNSwish(keras.layers.Layer):
     def build(self, input_shape):
         self.bn.build(input_shape)
 
-    def call(self, x, training=None, update_stats=True):
-        return self.bn(x, training=training, update_stats=update_stats, swish=True)
+    def call(self, x, training=None, update_stats=True, then=None):
+        """``then``: a conv layer applied to the result (see ``BatchNorm.call``)."""
+        return self.bn(x, training=training, update_stats=update_stats, swish=True, then=then)

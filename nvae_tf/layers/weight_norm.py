@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nvae_tf.layers import lean_gradient
+from nvae_tf.layers import lean_gradient, linear_ops
 from nvae_tf.layers.depthwise import depthwise_conv2d_same
 from nvae_tf.layers.shapes import known_shape
 
@@ -291,11 +291,7 @@ class Conv2D(keras.layers.Layer):
         row and column); they are convolved with stride 1."""
         if subsampled and (self.kernel_size != 1 or self.depthwise):
             raise ValueError("subsampled inputs are for 1x1 dense convs")
-        kernel = self._given_kernel.get()
-        if kernel is None:
-            kernel = self.effective_kernel()
-        self._forward_kernel.set(kernel)
-        kernel = tf.cast(kernel, x.dtype)
+        kernel = self._call_kernel(x.dtype)
         bias = tf.cast(self.bias, x.dtype) if self.use_bias else None
         if (self.strides == 1 or subsampled) and self.kernel_size == 1 and not self.depthwise:
             return pointwise_conv2d(x, kernel, bias)
@@ -317,6 +313,26 @@ class Conv2D(keras.layers.Layer):
                 else tf.nn.conv2d(x, kernel, 2, "VALID")
             )
         return y if bias is None else tf.nn.bias_add(y, bias)
+
+    def as_linear_op(self):
+        """``(op, kernel)`` (``layers/linear_ops.py``, float32) standing for this conv's next
+        call without its bias, or None for strided convs and even kernels."""
+        if self.strides != 1 or self.kernel_size % 2 == 0:
+            return None
+        if self.depthwise:
+            op = linear_ops.DepthwiseSame
+        else:
+            op = linear_ops.Pointwise if self.kernel_size == 1 else linear_ops.DenseSame
+        return op, self._call_kernel(tf.float32)
+
+    def _call_kernel(self, dtype):
+        """The kernel of a call: given by ``normalized_together`` or computed here; recorded
+        for the spectral regularizer."""
+        kernel = self._given_kernel.get()
+        if kernel is None:
+            kernel = self.effective_kernel()
+        self._forward_kernel.set(kernel)
+        return tf.cast(kernel, dtype)
 
     def compute_output_shape(self, input_shape):
         b, h, w, _ = input_shape
