@@ -37,7 +37,9 @@ tfd = tfp.distributions
 Seed = tf.Tensor | Sequence[int] | int | None
 
 # What train_step reports (epoch means): the objective's terms, bits/dim and the gradient norm.
-TRAIN_METRICS = (*LossTerms._fields, "bpd", "grad_norm")
+# Checkpointed with the run (--resume): a new name here fails resuming older runs. Not
+# loss_but_spectral: a part of loss, apart only for the order of its gradients.
+TRAIN_METRICS = (*(f for f in LossTerms._fields if f != "loss_but_spectral"), "bpd", "grad_norm")
 # A latent channel is "active" when its KL, summed over space, exceeds this (nats; the
 # original's threshold in its per-channel KL diagnostics; paper §4.3, footnote 5).
 ACTIVE_KL_THRESHOLD = 0.1

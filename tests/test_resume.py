@@ -163,3 +163,14 @@ def test_killed_and_signalled_runs_resume_cleanly(tmp_path):
     assert saved_step(out) == 40
     steps = [int(r["step"]) for r in metric_rows(out)]
     assert steps == list(range(1, 41))  # rows past a restored checkpoint were dropped once
+
+
+def test_the_checkpointed_metrics_are_those_earlier_runs_saved():
+    """The metric trackers' variables are part of a run's checkpointed state: a new tracker
+    would make --resume refuse every run written before it."""
+    from nvae_tf.model import TRAIN_METRICS
+
+    assert TRAIN_METRICS == (
+        "loss", "nelbo", "recon", "kl", "beta", "reg_weight", "spectral", "bn_penalty",
+        "bpd", "grad_norm",
+    )  # fmt: skip
