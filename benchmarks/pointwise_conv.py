@@ -1,6 +1,6 @@
 """Times a 1x1 convolution's forward + backward as oneDNN's conv and as one matmul.
 
-The measurement behind ``nvae_tf.layers.weight_norm.pointwise_conv2d`` (docs/design.md#speed),
+The measurement behind ``nvae_tf.layers.linear_ops.pointwise_conv2d`` (docs/design.md#speed),
 on NVAE's decoder-cell shapes at batch 16: ``python benchmarks/pointwise_conv.py``.
 """
 
@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tensorflow as tf
 
-from nvae_tf.layers.weight_norm import pointwise_conv2d
+from nvae_tf.layers.linear_ops import pointwise_conv2d
 
 SHAPES = ((8, 256, 1536), (8, 1536, 256), (16, 128, 768), (16, 768, 128), (32, 64, 384))
 

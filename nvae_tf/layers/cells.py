@@ -8,10 +8,11 @@ Down cells double the channels, up cells halve them. See docs/design.md#cells.
 import keras
 import tensorflow as tf
 
+from nvae_tf.layers.linear_ops import pointwise_conv2d
 from nvae_tf.layers.normalization import BatchNorm, BNSwish
 from nvae_tf.layers.skips import FactorizedReduce, UpSkip, doubled_size
 from nvae_tf.layers.squeeze_excitation import SqueezeExcitation
-from nvae_tf.layers.weight_norm import Conv2D, pointwise_conv2d
+from nvae_tf.layers.weight_norm import Conv2D
 
 RESIDUAL_SCALE = 0.1  # fixed, not learned (docs/design.md#cells)
 CHANNEL_MULT = 2

@@ -31,18 +31,19 @@ def _depthwise_conv2d_cpu(x, kernel):
     y = tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "SAME")
 
     def grad(dy):
-        dx = tf.nn.depthwise_conv2d_backprop_input(known_shape(x), kernel, dy, (1, 1, 1, 1), "SAME")
-        return dx, depthwise_kernel_gradient(ordering.after(x, dy), dy, kernel)
+        return depthwise_gradients(ordering.after(x, dy), kernel, dy)
 
     return y, grad
 
 
-def depthwise_kernel_gradient(x, dy, kernel):
-    """The kernel gradient of the stride-1 "SAME" depthwise conv of ``x`` by ``kernel``, given
-    the output gradient ``dy``: TensorFlow's own on GPUs, the faster form above on CPUs."""
+def depthwise_gradients(x, kernel, dy):
+    """Input and kernel gradients of the stride-1 "SAME" depthwise conv of ``x`` by ``kernel``,
+    given the output gradient ``dy``; the kernel's is TensorFlow's own on GPUs, on CPUs the
+    faster form of this module's docstring."""
+    dx = tf.nn.depthwise_conv2d_backprop_input(known_shape(x), kernel, dy, (1, 1, 1, 1), "SAME")
     if tf.config.list_logical_devices("GPU"):
-        return tf.nn.depthwise_conv2d_backprop_filter(x, kernel.shape, dy, (1, 1, 1, 1), "SAME")
-    return _kernel_gradient(x, dy, kernel.shape[0])
+        return dx, tf.nn.depthwise_conv2d_backprop_filter(x, kernel.shape, dy, (1, 1, 1, 1), "SAME")
+    return dx, _kernel_gradient(x, dy, kernel.shape[0])
 
 
 def _kernel_gradient(x, dy, k):
