@@ -51,7 +51,7 @@ def restore_run(run, model):
     same_data = saved is None or saved.data_dir == run.config.data_dir
     exact = not run.multi_worker and same_data
     if path and not exact:  # a fresh, reseeded stream: the saved position does not apply
-        run._make_datasets(seed=run.config.seed + step)
+        run.make_datasets(seed=run.config.seed + step)
     iterator = iter(run.train_data)
     if path and exact:
         tf.train.Checkpoint(data=iterator).restore(

@@ -68,9 +68,9 @@ class RunInputs:
             )
         if self.num_test < 1:
             raise ConfigError(f"dataset {c.dataset} has no test images to evaluate on")
-        self._make_datasets()
+        self.make_datasets()
 
-    def _make_datasets(self, seed=None):
+    def make_datasets(self, seed=None):
         """Train/test pipelines of this worker and the probe batch (raises DataError)."""
         from nvae_tf.data import load_dataset
         from nvae_tf.training.distribute import input_context, is_multi_worker, num_workers
