@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from nvae_tf.layers.linear_ops import pointwise_conv2d
 from nvae_tf.layers.normalization import BatchNorm, BNSwish
-from nvae_tf.layers.skips import FactorizedReduce, UpSkip, doubled_size
+from nvae_tf.layers.skips import FactorizedReduce, UpSkip
 from nvae_tf.layers.squeeze_excitation import SqueezeExcitation
 from nvae_tf.layers.weight_norm import Conv2D
 
@@ -164,8 +164,10 @@ class DecoderCell(_ResidualCell):
 def _nearest_up(x):
     """Nearest-neighbour x2 up-sampling: each pixel repeated 2x2 (exact).
 
-    One resize op and one gradient op; ``tf.repeat`` twice built ~90 graph ops with its gradient.
+    A broadcast against a (2, 2) block of ones and a reshape: a few graph ops with the
+    gradient (``tf.repeat`` twice built ~90), and XLA has no kernel for the resize op's
+    gradient (``ResizeNearestNeighborGrad``), which ``jit_compile`` needs.
     """
-    return tf.raw_ops.ResizeNearestNeighbor(
-        images=x, size=doubled_size(x), align_corners=False, half_pixel_centers=False
-    )
+    h, w, c = (x.shape[i] if x.shape[i] is not None else tf.shape(x)[i] for i in (1, 2, 3))
+    blocks = tf.reshape(x, [-1, h, 1, w, 1, c]) * tf.ones([1, 1, 2, 1, 2, 1], x.dtype)
+    return tf.reshape(blocks, [-1, 2 * h, 2 * w, c])

@@ -252,4 +252,6 @@ def batchnorm_penalty(bn_layers):
     if not gammas:
         return tf.constant(0.0, tf.float32)
     segments = np.repeat(np.arange(len(gammas)), [int(g.shape[0]) for g in gammas])
-    return tf.reduce_sum(tf.math.segment_max(tf.abs(tf.concat(gammas, 0)), segments))
+    # The unsorted form: XLA (jit_compile) has no kernel for the sorted SegmentMax.
+    maxima = tf.math.unsorted_segment_max(tf.abs(tf.concat(gammas, 0)), segments, len(gammas))
+    return tf.reduce_sum(maxima)
