@@ -11,7 +11,9 @@ Standard library only: the original's driver runs in a PyTorch environment.
 """
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import statistics
 import sys
@@ -43,6 +45,8 @@ class ChildFigures:
     iw_call_s: list[float] | None = None
     iw_images_per_s: float | None = None
     peak_rss_mb: float | None = None  # ru_maxrss of the whole child process
+    first_step_s: float | None = None  # the first training step's call: tracing, compiling
+    peak_device_mb: float | None = None  # the accelerator's allocator peak, where there is one
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Operations:
     sample: Callable[[int, float], object]  # (batch, temperature)
     iw_evaluate: Callable[[int, int], object]  # (batch, K)
     count_params: Callable[[], int]  # trainable ones; called after the first step (lazy builds)
+    peak_device_mb: Callable[[], float] | None = None  # an accelerator's allocator peak, MB
 
 
 def add_child_args(parser: argparse.ArgumentParser) -> None:
@@ -104,14 +109,35 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@contextlib.contextmanager
+def device_turn():
+    """Exclusive use of the device while inside, when ``BENCH_DEVICE_LOCK`` names a lock file
+    (``gpu_sitting.py`` runs several children at once; their timed sections take turns)."""
+    path = os.environ.get("BENCH_DEVICE_LOCK")
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def measure(ops: Operations, figures: ChildFigures, args: argparse.Namespace) -> ChildFigures:
-    """Run ``ops`` in the protocol's order, filling ``figures``; emits the two events."""
-    ops.train_step()
+    """Run ``ops`` in the protocol's order, filling ``figures``; emits the two events.
+
+    First calls (tracing, compiling) run outside ``device_turn``, timed ones inside it."""
+    (figures.first_step_s,) = timed_calls(ops.train_step, 1)
     emit("first_step")
     figures.params = int(ops.count_params())
     if "train" in args.only:
-        timed_calls(ops.train_step, args.warmup)
-        figures.train_step_s = timed_calls(ops.train_step, args.steps)
+        with device_turn():
+            timed_calls(ops.train_step, args.warmup)
+            figures.train_step_s = timed_calls(ops.train_step, args.steps)
         figures.train_s_per_step = statistics.median(figures.train_step_s)
         figures.train_images_per_s = figures.batch / figures.train_s_per_step
     if "sample" in args.only:
@@ -121,16 +147,20 @@ def measure(ops: Operations, figures: ChildFigures, args: argparse.Namespace) ->
             args.sample_batch,
             args.sample_temperature,
         )
-        figures.sample_call_s = timed_calls(call, args.sample_calls)
+        with device_turn():
+            figures.sample_call_s = timed_calls(call, args.sample_calls)
         figures.sample_ms_per_img = statistics.median(figures.sample_call_s) / args.sample_batch
         figures.sample_ms_per_img *= 1000
     if "iw" in args.only:
         call = lambda: ops.iw_evaluate(args.iw_batch, args.iw_samples)
         call()
         figures.iw_samples, figures.iw_batch = args.iw_samples, args.iw_batch
-        figures.iw_call_s = timed_calls(call, args.iw_calls)
+        with device_turn():
+            figures.iw_call_s = timed_calls(call, args.iw_calls)
         figures.iw_images_per_s = args.iw_batch / statistics.median(figures.iw_call_s)
     figures.peak_rss_mb = peak_rss_mb()
+    if ops.peak_device_mb is not None:
+        figures.peak_device_mb = ops.peak_device_mb()
     emit("result", figures=asdict(figures))
     return figures
 

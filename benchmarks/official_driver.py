@@ -3,19 +3,25 @@
 Runs in a PyTorch environment (``side_by_side.py --torch-python``). It imports the original's
 own modules from ``--nvae`` and calls them; the layouts and the CPU patch (``.cuda()`` as a
 no-op, its synchronized BN-Swish as a plain BN + SiLU) come from ``official_bench.py`` in
-``--harness``. What it times, as the original's train.py and test() do:
+``--harness``. On ``--device cuda`` nothing is patched: its BN-Swish runs as it does in one
+process of the original's own training (a one-process group). What it times, as the original's
+train.py, test() and evaluate.py do:
 
 - a training step: forward, decoder log-likelihood, balanced KL, spectral and batch-norm
-  regularizers, backward, Adamax (float32, no gradient scaling);
-- sampling: ``model.sample(n, t)`` in eval mode and one draw from the decoder;
+  regularizers, backward, Adamax (float32, no gradient scaling; with ``--amp``, under autocast
+  with its GradScaler started at 2^10, as train.py);
+- sampling: ``model.sample(n, t)`` in eval mode (under autocast with ``--amp``, as
+  evaluate.py) and one draw from the decoder;
 - IW evaluation: K forward passes in eval mode, ``log p(x|z) + log p(z) - log q(z|x)`` per
   pass, ``logsumexp`` over K minus ``log K``.
 """
 
 import argparse
+import contextlib
 import math
 import os
 import sys
+import tempfile
 import types
 
 import bench_protocol as protocol
@@ -34,7 +40,7 @@ TRAIN_DEFAULTS = dict(
 )
 
 
-def build(harness, name):
+def build(harness, name, device="cpu"):
     """The original model, its Adamax and the KL-balancing coefficients for layout ``name``."""
     import torch
     import utils
@@ -45,7 +51,7 @@ def build(harness, name):
     size, channels = layout.pop("size"), layout.pop("ch")
     args = argparse.Namespace(**TRAIN_DEFAULTS, **layout)
     torch.manual_seed(1)
-    model = AutoEncoder(args, None, utils.get_arch_cells(args.arch_instance))
+    model = AutoEncoder(args, None, utils.get_arch_cells(args.arch_instance)).to(device)
     optimizer = Adamax(
         model.parameters(), args.learning_rate, weight_decay=args.weight_decay, eps=1e-3
     )
@@ -55,28 +61,42 @@ def build(harness, name):
     return model, optimizer, alpha, args, size, channels
 
 
-def operations(model, optimizer, alpha, args, x_train, x_eval_for):
+def operations(model, optimizer, alpha, args, x_train, x_eval_for, amp=False):
     import torch
     import utils
+
+    cuda = x_train.is_cuda
+    autocast = lambda: torch.autocast("cuda", enabled=amp) if cuda else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cuda", 2.0**10, enabled=amp)
+
+    def finished(value):
+        """``value`` once the device has done all queued work (the protocol times wall clock)."""
+        if cuda:
+            torch.cuda.synchronize()
+        return value
 
     def train_step():
         model.train()
         optimizer.zero_grad()
-        logits, _, _, kl_all, _ = model(x_train)
-        output = model.decoder_output(logits)
-        recon = utils.reconstruction_loss(output, x_train, crop=model.crop_output)
-        balanced_kl, _, _ = utils.kl_balancer(kl_all, KL_COEFF, kl_balance=True, alpha_i=alpha)
-        loss = torch.mean(recon + balanced_kl)
-        regularizers = model.spectral_norm_parallel() + model.batchnorm_loss()
-        loss = loss + args.weight_decay_norm * regularizers
-        loss.backward()
-        optimizer.step()
+        with autocast():
+            logits, _, _, kl_all, _ = model(x_train)
+            output = model.decoder_output(logits)
+            recon = utils.reconstruction_loss(output, x_train, crop=model.crop_output)
+            balanced_kl, _, _ = utils.kl_balancer(kl_all, KL_COEFF, kl_balance=True, alpha_i=alpha)
+            loss = torch.mean(recon + balanced_kl)
+            regularizers = model.spectral_norm_parallel() + model.batchnorm_loss()
+            loss = loss + args.weight_decay_norm * regularizers
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         return float(loss.detach())
 
     @torch.no_grad()
     def sample(batch, temperature):
         model.eval()
-        return model.decoder_output(model.sample(batch, temperature)).sample()
+        with autocast():
+            logits = model.sample(batch, temperature)
+        return finished(model.decoder_output(logits).sample())
 
     @torch.no_grad()
     def iw_evaluate(batch, k):
@@ -84,13 +104,14 @@ def operations(model, optimizer, alpha, args, x_train, x_eval_for):
         x = x_eval_for(batch)
         log_w = []
         for _ in range(k):
-            logits, log_q, log_p, _, _ = model(x)
+            with autocast():
+                logits, log_q, log_p, _, _ = model(x)
             output = model.decoder_output(logits)
             log_w.append(utils.log_iw(output, x, log_q, log_p, crop=model.crop_output))
-        return torch.logsumexp(torch.stack(log_w, dim=1), dim=1) - math.log(k)
+        return finished(torch.logsumexp(torch.stack(log_w, dim=1), dim=1) - math.log(k))
 
     return protocol.Operations(
-        train_step=train_step,
+        train_step=lambda: finished(train_step()),
         sample=sample,
         iw_evaluate=iw_evaluate,
         count_params=lambda: sum(p.numel() for p in model.parameters()),
@@ -103,6 +124,8 @@ def main(argv=None):
     p.add_argument("--harness", required=True, help="folder holding official_bench.py")
     p.add_argument("--config", required=True, help="a layout name of official_bench.CONFIGS")
     p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--amp", action="store_true", help="float16 autocast, as the original trains")
     protocol.add_child_args(p)
     args = p.parse_args(argv)
     protocol.check_counts(p, args)
@@ -114,21 +137,30 @@ def main(argv=None):
 
     if args.config not in harness.CONFIGS:
         p.error(f"--config must be one of {', '.join(sorted(harness.CONFIGS))}")
-    harness.patch_for_cpu()
-    model, optimizer, alpha, model_args, size, channels = build(harness, args.config)
+    if args.device == "cpu":
+        harness.patch_for_cpu()
+    else:  # its BN-Swish asks torch.distributed for the world size: a one-process group
+        import torch.distributed as dist
+
+        rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+    model, optimizer, alpha, model_args, size, channels = build(harness, args.config, args.device)
 
     def images(batch, seed):
         nhwc = synthetic_images(batch, size, channels, binary=channels == 1, seed=seed)
         nchw = torch.from_numpy(nhwc).permute(0, 3, 1, 2).contiguous()
-        return utils.pre_process(nchw, model_args.num_x_bits)
+        return utils.pre_process(nchw, model_args.num_x_bits).to(args.device)
 
     x_train = images(args.batch, 0)
-    ops = operations(model, optimizer, alpha, model_args, x_train, lambda b: images(b, 1))
+    eval_images = lambda b: images(b, 1)
+    ops = operations(model, optimizer, alpha, model_args, x_train, eval_images, args.amp)
     figures = protocol.ChildFigures(
         batch=args.batch,
         batch_sum=float(x_train.sum()),
         versions={"torch": torch.__version__, "python": protocol.python_version()},
     )
+    if args.device == "cuda":
+        ops.peak_device_mb = lambda: torch.cuda.max_memory_allocated() / 2**20
     protocol.measure(ops, figures, args)
 
 

@@ -46,11 +46,15 @@ def operations(model, strategy, x_train, x_eval_for):
 
     step = make_train_step(model, strategy)
     batch = distribute_batch(strategy, tf.constant(x_train))
+    gpu = bool(tf.config.list_logical_devices("GPU"))
     return protocol.Operations(
         train_step=lambda: {k: v.numpy().item() for k, v in step(batch).items()},
         sample=lambda n, temperature: model.sample(n, temperature).numpy(),
         iw_evaluate=lambda n, k: model.log_likelihood(x_eval_for(n), num_samples=k).numpy(),
         count_params=lambda: sum(int(tf.size(v)) for v in model.trainable_variables),
+        peak_device_mb=(lambda: tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20)
+        if gpu
+        else None,
     )
 
 
@@ -67,7 +71,7 @@ def main(argv=None):
 
     from nvae_tf.training.distribute import precision_policy
 
-    config = load_config(args).replace(batch_size=args.batch, precision="float32")
+    config = load_config(args).replace(batch_size=args.batch)
 
     def images(batch, seed):
         binary = config.decoder == "bernoulli"
