@@ -50,6 +50,7 @@ class Job:
     measure: tuple[str, ...]  # protocol options (bench_protocol.add_child_args)
     ours_sets: tuple[str, ...] = ()  # ours: --set overrides (precision, XLA)
     timeout_s: float = 300.0
+    xla_flags: str = ""  # appended to the child's XLA_FLAGS
 
 
 TRAIN = ("--warmup", "3", "--steps", "10")
@@ -68,10 +69,16 @@ JOBS = (
     Job("celebahq256 b32", "nvae-tf", "celebahq256", 32, FIT, MIXED_GRAPH, 400),
 )
 # --xla: the whole step as one XLA program. Its compile took over 6 minutes on the H200 host
-# (2026-11-30), so these start first and only when asked for.
+# (2026-11-30, one LLVM module at a time: TensorFlow gives XLA no compile thread pool), so these
+# start first, only when asked for, and split the LLVM work over the host's cores (not yet
+# measured with this).
+PARALLEL_XLA = (
+    f"--xla_gpu_force_compilation_parallelism={os.cpu_count() or 1} "
+    "--xla_gpu_enable_llvm_module_compilation_parallelism=true"
+)
 XLA_JOBS = (
-    Job("cifar10 b32 xla", "nvae-tf", "cifar10", 32, CIFAR, MIXED_XLA, 900),
-    Job("celebahq256 b4 xla", "nvae-tf", "celebahq256", 4, CELEBA, MIXED_XLA, 900),
+    Job("cifar10 b32 xla", "nvae-tf", "cifar10", 32, CIFAR, MIXED_XLA, 900, PARALLEL_XLA),
+    Job("celebahq256 b4 xla", "nvae-tf", "celebahq256", 4, CELEBA, MIXED_XLA, 900, PARALLEL_XLA),
 )
 
 
@@ -110,6 +117,8 @@ class Running:
         self.log_path = os.path.join(log_dir, f"{id(self)}.log")
         self.log = open(self.log_path, "w+")  # noqa: SIM115 (the child's lifetime; finish closes)
         self.started = time.perf_counter()
+        if job.xla_flags:
+            env = dict(env, XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {job.xla_flags}".strip())
         self.proc = subprocess.Popen(outcome.command, stdout=subprocess.PIPE, stderr=self.log,
                                      cwd=ROOT, env=env)  # fmt: skip
         os.set_blocking(self.proc.stdout.fileno(), False)

@@ -125,3 +125,15 @@ def test_every_named_job_has_a_config_and_both_sides_where_they_compare():
     names = {(j.name, j.side) for j in gpu_sitting.JOBS}
     for compared in ("cifar10 b32", "celebahq256 b4", "celebahq256 b8"):
         assert {(compared, "nvae-tf"), (compared, "original")} <= names
+
+
+def test_xla_jobs_split_the_compile_over_the_cores_and_keep_the_users_flags(tmp_path):
+    job = gpu_sitting.XLA_JOBS[0]
+    assert "--xla_gpu_force_compilation_parallelism=" in job.xla_flags
+    show = [sys.executable, "-c", "import os; print(os.environ['XLA_FLAGS'])"]
+    outcome = gpu_sitting.Outcome({}, show)
+    child = gpu_sitting.Running(job, outcome, {"XLA_FLAGS": "--mine", "PATH": ""}, str(tmp_path))
+    child.proc.wait()
+    printed = os.read(child.proc.stdout.fileno(), 1 << 16).decode().strip()
+    child.finish()
+    assert printed == f"--mine {job.xla_flags}"
