@@ -7,10 +7,11 @@ CelebA-HQ 256 config at batch 4 (and 8), sampling at batch 16 and 36, the first 
 program; the original with its float16 autocast, as each is meant to be trained on GPUs.
 
 Every job is a child process under the side-by-side protocol (``bench_protocol``). Several run
-at once so that ours' XLA compiles (host CPU) overlap the other jobs, but their timed parts
-take turns: each child holds an exclusive lock on one file (``BENCH_DEVICE_LOCK``) from its
-first step's end to its exit, so no two timed sections share the GPU. The first step itself,
-where ours compiles, can overlap another job's timed steps (the report says so).
+at once so that tracing and compiling (host CPU) overlap the other jobs, but their timed calls
+take turns: a child holds an exclusive lock on one file (``BENCH_DEVICE_LOCK``) around each of
+its timed sections (``bench_protocol.device_turn``), so no two timed sections share the GPU.
+First calls (tracing, compiling, a first run) stay outside it and can overlap another job's
+timed calls; each record lists the jobs that ran during its first step.
 
 Results go to ``--out/gpu-sitting-<date>.json`` after every finished job, so a sitting cut
 short by its lease still leaves what it measured; a failed job's record keeps its log's tail.
@@ -129,9 +130,11 @@ class Running:
         outcome.status = "running"
 
     def poll(self, others) -> bool:
-        """Read what the child printed; True once it has exited."""
+        """Read what the child printed; True once it has exited (and all it printed is read)."""
+        exited = self.proc.poll() is not None  # before reading: nothing printed after is lost
         with contextlib.suppress(BlockingIOError):  # nothing new yet
-            self.buffer += os.read(self.proc.stdout.fileno(), 1 << 20)
+            while chunk := os.read(self.proc.stdout.fileno(), 1 << 20):
+                self.buffer += chunk
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
             event = parse_event(line.decode(errors="replace"))
@@ -144,7 +147,7 @@ class Running:
                 label = f"{other.job.side}: {other.job.name}"
                 if other is not self and label not in self.outcome.overlapped:
                     self.outcome.overlapped.append(label)
-        return self.proc.poll() is not None
+        return exited
 
     def finish(self, timed_out=False):
         if self.proc.poll() is None:
