@@ -24,7 +24,9 @@ FAKE_CHILD = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {bench!r})
     import bench_protocol as protocol
-    mode, log = sys.argv[1], sys.argv[2]
+    mode, log, lives = sys.argv[1], sys.argv[2], sys.argv[3]
+    with open(lives, "a") as f:
+        f.write(f"{{sys.argv[4]}} begin {{time.time()}}\\n")
     if mode == "fail":
         sys.exit("ValueError: the bad input")
     if mode == "hang":
@@ -44,6 +46,8 @@ FAKE_CHILD = textwrap.dedent(
         # The first step and the first sampling call run outside the device's turns.
         for start, end in calls[1:4] + calls[5:]:
             f.write(f"{{start}} {{end}}\\n")
+    with open(lives, "a") as f:
+        f.write(f"{{sys.argv[4]}} end {{time.time()}}\\n")
     """
 )
 
@@ -59,17 +63,30 @@ def fake_sitting(tmp_path, monkeypatch):
     (official / "model.py").write_text("")
     (official / "official_bench.py").write_text("")
 
-    def run(modes, budget=120, timeout_s=60):
-        jobs = tuple(gpu_sitting.Job(m, "nvae-tf", "x", 2, (), (), timeout_s) for m in modes)
+    lives = tmp_path / "lives.log"
+
+    def run(modes, budget=120, timeout_s=60, waves=None):
+        waves = waves or [1] * len(modes)
+        jobs = tuple(
+            gpu_sitting.Job(m, "nvae-tf", "x", 2, (), (), timeout_s, wave)
+            for m, wave in zip(modes, waves)
+        )
         monkeypatch.setattr(gpu_sitting, "JOBS", jobs)
         monkeypatch.setattr(
             gpu_sitting,
             "command_for",
-            lambda job, args: [sys.executable, str(script), job.name.split()[0], str(log)],
+            lambda job, args: [
+                *(sys.executable, str(script), job.name.split()[0], str(log), str(lives)),
+                job.name.replace(" ", "-"),
+            ],
         )
         argv = ["--official", str(official), "--harness", str(official), "--out"]
         code = gpu_sitting.main([*argv, str(tmp_path / "out"), "--budget", str(budget)])
         (results,) = (tmp_path / "out").glob("gpu-sitting-*.json")
+        run.lives = {}
+        for line in lives.read_text().splitlines() if lives.exists() else []:
+            name, event, at = line.split()
+            run.lives.setdefault(name, {})[event] = float(at)
         return code, json.loads(results.read_text()), log
 
     return run
@@ -95,6 +112,15 @@ def test_a_failure_and_a_time_out_are_recorded_with_their_log(fake_sitting):
     assert failed["status"] == "failed" and "ValueError: the bad input" in failed["error"]
     assert failed["log_tail"][-1] == "ValueError: the bad input"
     assert hung["status"] == "timed out" and 10 <= hung["wall_s"] < 30
+
+
+def test_a_wave_starts_when_the_one_before_is_done(fake_sitting):
+    code, results, _ = fake_sitting(["ok a", "ok b", "ok c"], waves=[2, 1, 1])
+    assert code == 0 and [o["status"] for o in results["outcomes"]] == ["ok"] * 3
+    lives = fake_sitting.lives
+    first_wave_done = max(lives["ok-b"]["end"], lives["ok-c"]["end"])
+    assert lives["ok-a"]["begin"] >= first_wave_done  # listed first, but of the later wave
+    assert lives["ok-c"]["begin"] < lives["ok-b"]["end"]  # one wave's jobs run together
 
 
 def test_jobs_left_when_the_budget_runs_out_are_not_started(fake_sitting):
