@@ -21,9 +21,14 @@ def depthwise_conv2d_same(x, kernel):
       x: (B, H, W, C) input.
       kernel: (k, k, C, 1) filter, same dtype as ``x``.
     """
-    if tf.config.list_logical_devices("GPU"):
+    if _on_gpu():
         return tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "SAME")
     return _depthwise_conv2d_cpu(x, kernel)
+
+
+def _on_gpu():
+    """Whether TensorFlow places ops on a GPU, where its own (cuDNN) gradients are used."""
+    return bool(tf.config.list_logical_devices("GPU"))
 
 
 @lean_gradient.custom_gradient
@@ -41,7 +46,7 @@ def depthwise_gradients(x, kernel, dy):
     given the output gradient ``dy``; the kernel's is TensorFlow's own on GPUs, on CPUs the
     faster form of this module's docstring."""
     dx = tf.nn.depthwise_conv2d_backprop_input(known_shape(x), kernel, dy, (1, 1, 1, 1), "SAME")
-    if tf.config.list_logical_devices("GPU"):
+    if _on_gpu():
         return dx, tf.nn.depthwise_conv2d_backprop_filter(x, kernel.shape, dy, (1, 1, 1, 1), "SAME")
     return dx, _kernel_gradient(x, dy, kernel.shape[0])
 
