@@ -4,8 +4,10 @@ TensorFlow's ``DepthwiseConv2dNativeBackpropFilter`` (oneDNN and Eigen alike) is
 most expensive op of an NVAE training step on a CPU. The same gradient,
 ``dK[i, j, c] = sum_{b, h, w} x_pad[b, h + i, w + j, c] * dy[b, h, w, c]``, is one VALID
 depthwise convolution of the padded input (batch moved into the channels) with ``dy`` as the
-filter; with it, forward plus backward ran 1.6-3.6x faster on NVAE's shapes here. On GPUs
-cuDNN's own gradient is used.
+filter; with it, forward plus backward ran 1.6-3.6x faster on NVAE's shapes here. The input
+gradient of a stride-1 "SAME" conv is the forward conv of ``dy`` by the spatially flipped
+kernel, and oneDNN's forward kernel is 1.1-1.7x faster than its backward-input one on NVAE's
+shapes. On GPUs cuDNN's own gradients are used.
 """
 
 import tensorflow as tf
@@ -45,18 +47,22 @@ def depthwise_gradients(x, kernel, dy):
     """Input and kernel gradients of the stride-1 "SAME" depthwise conv of ``x`` by ``kernel``,
     given the output gradient ``dy``; the kernel's is TensorFlow's own on GPUs, on CPUs the
     faster form of this module's docstring."""
-    dx = tf.nn.depthwise_conv2d_backprop_input(known_shape(x), kernel, dy, (1, 1, 1, 1), "SAME")
     if _on_gpu():
-        return dx, tf.nn.depthwise_conv2d_backprop_filter(x, kernel.shape, dy, (1, 1, 1, 1), "SAME")
+        strides = (1, 1, 1, 1)
+        dx = tf.nn.depthwise_conv2d_backprop_input(known_shape(x), kernel, dy, strides, "SAME")
+        return dx, tf.nn.depthwise_conv2d_backprop_filter(x, kernel.shape, dy, strides, "SAME")
+    dx = tf.nn.depthwise_conv2d(dy, tf.reverse(kernel, [0, 1]), (1, 1, 1, 1), "SAME")
     return dx, _kernel_gradient(x, dy, kernel.shape[0])
 
 
 def _kernel_gradient(x, dy, k):
     p = k // 2
     b, h, w, c = known_shape(x)
-    x_pad = tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
-    # (1, H + 2p, W + 2p, C * B) input and (H, W, C * B, 1) filter: one image, C * B channels.
-    images = tf.reshape(tf.transpose(x_pad, (1, 2, 3, 0)), [1, h + 2 * p, w + 2 * p, c * b])
-    filters = tf.reshape(tf.transpose(dy, (1, 2, 3, 0)), [h, w, c * b, 1])
-    per_image = tf.nn.depthwise_conv2d(images, filters, (1, 1, 1, 1), "VALID")  # (1, k, k, C*B)
-    return tf.reduce_sum(tf.reshape(per_image, [k, k, c, b]), axis=-1, keepdims=True)
+    # (1, H + 2p, W + 2p, B * C) input and (H, W, B * C, 1) filter: one image, B * C channels.
+    # Batch moved next to the channels (whole rows of C copied) and padded after: ~5-10% faster
+    # than moving it behind them or padding the larger tensor first.
+    images = tf.reshape(tf.transpose(x, (1, 2, 0, 3)), [1, h, w, b * c])
+    images = tf.pad(images, [[0, 0], [p, p], [p, p], [0, 0]])
+    filters = tf.reshape(tf.transpose(dy, (1, 2, 0, 3)), [h, w, b * c, 1])
+    per_image = tf.nn.depthwise_conv2d(images, filters, (1, 1, 1, 1), "VALID")  # (1, k, k, B*C)
+    return tf.reduce_sum(tf.reshape(per_image, [k, k, b, c]), axis=2)[..., None]
