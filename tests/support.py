@@ -17,11 +17,13 @@ from nvae_tf.config import NVAEConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_CONFIG = os.path.join(ROOT, "configs", "small.yaml")
 # ``--set`` items that shrink configs/small.yaml to seconds per command-line run (one scale,
-# two groups, four channels); each test adds its batch size and epochs.
+# two groups, four channels, one down-sampling block); each test adds its batch size and epochs.
 SMALL_SHRUNK = [
     "num_channels_enc=4",
     "num_channels_dec=4",
     "num_latent_scales=1",
+    "num_preprocess_blocks=1",
+    "num_postprocess_blocks=1",
     "num_groups_per_scale=2",
     "num_preprocess_cells=1",
     "num_postprocess_cells=1",

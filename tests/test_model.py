@@ -214,8 +214,8 @@ def test_small_config_count_matches_nvae_info_cli():
     assert info["trainable_params"] == spec_trainable_params(config)[0]
     assert info["num_groups"] == config.num_groups == 3
     assert info["groups_per_scale"] == config.groups_per_scale == [1, 2]
-    assert info["channels_per_scale"] == config.channels_per_scale == [32, 16]
-    assert info["h_shape"] == [8, 8, 32]
+    assert info["channels_per_scale"] == config.channels_per_scale == [64, 32]
+    assert info["h_shape"] == [4, 4, 64]
 
 
 def test_nvae_info_reports_bad_config_in_one_line(tmp_path):
