@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from nvae_tf.layers.linear_ops import pointwise_conv2d
 from nvae_tf.layers.normalization import BatchNorm, BNSwish
+from nvae_tf.layers.shapes import known_shape
 from nvae_tf.layers.skips import FactorizedReduce, UpSkip
 from nvae_tf.layers.squeeze_excitation import SqueezeExcitation
 from nvae_tf.layers.weight_norm import Conv2D
@@ -168,6 +169,6 @@ def _nearest_up(x):
     gradient (``tf.repeat`` twice built ~90), and XLA has no kernel for the resize op's
     gradient (``ResizeNearestNeighborGrad``), which ``jit_compile`` needs.
     """
-    h, w, c = (x.shape[i] if x.shape[i] is not None else tf.shape(x)[i] for i in (1, 2, 3))
+    _, h, w, c = known_shape(x)
     blocks = tf.reshape(x, [-1, h, 1, w, 1, c]) * tf.ones([1, 1, 2, 1, 2, 1], x.dtype)
     return tf.reshape(blocks, [-1, 2 * h, 2 * w, c])
