@@ -19,6 +19,7 @@ class Figure:
 
 FIGURES = (
     Figure("startup_s", "start-up s (process start → first step done)", "time"),
+    Figure("startup_warm_s", "start-up s, graph cache warm (nvae-tf's later runs)", "time"),
     Figure("train_s_per_step", "train s/step", "time"),
     Figure("train_images_per_s", "train images/s", "rate"),
     Figure("sample_ms_per_img", "sampling ms/img", "time"),
@@ -75,7 +76,7 @@ def summarize_figure(figure: Figure, runs: list[RunRecord], startup_target_s: fl
         comparison, bound = RATIO_TARGETS[figure.key]
         target = f"{'≥' if comparison == '>=' else '≤'} {bound:.1f}×"
         met = meets(comparison, bound, oriented)
-    elif figure.key == "startup_s" and startup_target_s is not None:
+    elif figure.key in ("startup_s", "startup_warm_s") and startup_target_s is not None:
         target, met = f"≤ {startup_target_s:.0f} s", meets("<=", startup_target_s, medians[OURS])
     return {
         ORIGINAL: values[ORIGINAL],

@@ -22,7 +22,7 @@ def format_value(key: str, value: float | None) -> str:
         return ""
     if key == "peak_rss_mb":
         return f"{value / 1024:.1f} GB"
-    if key == "startup_s":
+    if key in ("startup_s", "startup_warm_s"):
         return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 

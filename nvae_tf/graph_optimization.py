@@ -21,6 +21,8 @@ import functools
 import tensorflow as tf
 from tensorflow.core.protobuf import rewriter_config_pb2
 
+from nvae_tf import graph_cache
+
 try:  # private, see the module docstring
     from tensorflow.python.eager import context as _context
 except ImportError:  # pragma: no cover
@@ -55,6 +57,13 @@ def rewriter_config(base=None):
     for name in _PASSES_OFF:
         setattr(rewrite, name, _OFF)
     return config
+
+
+def _call_config():
+    """The serialized ``ConfigProto`` this thread's function calls use, or None."""
+    if _context is None or not hasattr(_context.context(), "function_call_options"):
+        return None
+    return _context.context().function_call_options.config_proto_serialized
 
 
 @contextlib.contextmanager
@@ -97,7 +106,7 @@ def functional_control_flow():
         _cf_util._DISABLE_LOWER_USING_SWITCH_MERGE = previous
 
 
-def function(fn=None, **kwargs):
+def function(fn=None, cache_graph=False, **kwargs):
     """``tf.function(fn, **kwargs)`` whose every call runs under ``lean_grappler()``.
 
     Every call, not only the first: TensorFlow keys a function's optimized instantiation by its
@@ -105,29 +114,40 @@ def function(fn=None, **kwargs):
     and, like ``tf.function``, on methods. AutoGraph is off unless asked for: NVAE's traced
     code writes its control flow with ``tf.cond``/``tf.while_loop``, and converting it cost
     ~2 s of the MNIST step's tracing.
+
+    ``cache_graph``: the first call's optimized graph comes from, or goes to, the disk cache
+    of ``graph_cache`` (for the large graphs a process starts with: the training step). Later
+    retraces are optimized as usual.
     """
     if fn is None:
-        return functools.partial(function, **kwargs)
+        return functools.partial(function, cache_graph=cache_graph, **kwargs)
     kwargs.setdefault("autograph", False)
-    return _LeanFunction(tf.function(fn, **kwargs))
+    return _LeanFunction(tf.function(fn, **kwargs), cache_graph)
 
 
 class _LeanFunction:
     """A ``tf.function`` (``.python_function``, ``get_concrete_function``, ...) called under
     ``lean_grappler()``."""
 
-    def __init__(self, compiled):
+    def __init__(self, compiled, cache_graph=False):
         self._compiled = compiled
+        self._cache_first_call = cache_graph
         functools.update_wrapper(self, compiled)
 
     def __call__(self, *args, **kwargs):
         with lean_grappler():
-            return self._compiled(*args, **kwargs)
+            if not self._cache_first_call:
+                return self._compiled(*args, **kwargs)
+            self._cache_first_call = False
+            # Traced here, so that the graph can be fingerprinted before it is instantiated.
+            concrete = self._compiled.get_concrete_function(*args, **kwargs)
+            with graph_cache.instantiating(concrete, _call_config()):
+                return self._compiled(*args, **kwargs)
 
     def __get__(self, instance, owner):
         if instance is None:
             return self
-        return _LeanFunction(self._compiled.__get__(instance, owner))
+        return _LeanFunction(self._compiled.__get__(instance, owner), self._cache_first_call)
 
     def __getattr__(self, name):
         return getattr(self._compiled, name)

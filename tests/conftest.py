@@ -9,12 +9,21 @@ use it for every test, and seed their shared models too), so random weights and 
 with them every numerical margin, are the same from run to run.
 
 Every test ends with the float32 Keras policy restored, whatever it set. TensorFlow's C++
-start-up log is silenced here once for every test module (and the subprocesses they start).
+start-up log is silenced here once for every test module (and the subprocesses they start),
+whose optimized-graph cache is a temporary folder.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The optimized-graph cache (nvae_tf.graph_cache) of this run and its subprocesses: a private
+# folder, not the user's ~/.cache.
+if "NVAE_TF_GRAPH_CACHE" not in os.environ:
+    os.environ["NVAE_TF_GRAPH_CACHE"] = tempfile.mkdtemp(prefix="nvae-tf-test-graphs-")
+    atexit.register(shutil.rmtree, os.environ["NVAE_TF_GRAPH_CACHE"], ignore_errors=True)
 
 import keras
 import pytest

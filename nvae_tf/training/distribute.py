@@ -153,7 +153,9 @@ def precision_policy(name):
 def make_train_step(model, strategy):
     """One ``tf.function``: ``model.train_step`` on every replica, logs reduced across them."""
 
-    @graph_optimization.function(jit_compile=bool(model.config.jit_compile), reduce_retracing=True)
+    @graph_optimization.function(
+        jit_compile=bool(model.config.jit_compile), reduce_retracing=True, cache_graph=True
+    )
     def train_step(batch):
         logs = strategy.run(model.train_step, args=(batch,))
 
