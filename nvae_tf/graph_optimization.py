@@ -17,6 +17,7 @@ Where that private hook is missing, ``function`` is plain ``tf.function``.
 
 import contextlib
 import functools
+import weakref
 
 import tensorflow as tf
 from tensorflow.core.protobuf import rewriter_config_pb2
@@ -116,13 +117,18 @@ def function(fn=None, cache_graph=False, **kwargs):
     ~2 s of the MNIST step's tracing.
 
     ``cache_graph``: the first call's optimized graph comes from, or goes to, the disk cache
-    of ``graph_cache`` (for the large graphs a process starts with: the training step). Later
-    retraces are optimized as usual.
+    of ``graph_cache`` (for the large graphs a process starts with: the training step, the
+    importance-weighted evaluation). Later retraces are optimized as usual.
     """
     if fn is None:
         return functools.partial(function, cache_graph=cache_graph, **kwargs)
     kwargs.setdefault("autograph", False)
     return _LeanFunction(tf.function(fn, **kwargs), cache_graph)
+
+
+# ``cache_graph`` functions whose first call has been made; a method's bound ``tf.function``
+# is one object per instance (TensorFlow caches it), so each model gets its own first call.
+_FIRST_CALL_DONE = weakref.WeakSet()
 
 
 class _LeanFunction:
@@ -131,14 +137,14 @@ class _LeanFunction:
 
     def __init__(self, compiled, cache_graph=False):
         self._compiled = compiled
-        self._cache_first_call = cache_graph
+        self._cache_graph = cache_graph
         functools.update_wrapper(self, compiled)
 
     def __call__(self, *args, **kwargs):
         with lean_grappler():
-            if not self._cache_first_call:
+            if not self._cache_graph or self._compiled in _FIRST_CALL_DONE:
                 return self._compiled(*args, **kwargs)
-            self._cache_first_call = False
+            _FIRST_CALL_DONE.add(self._compiled)
             # Traced here, so that the graph can be fingerprinted before it is instantiated.
             concrete = self._compiled.get_concrete_function(*args, **kwargs)
             with graph_cache.instantiating(concrete, _call_config()):
@@ -147,7 +153,7 @@ class _LeanFunction:
     def __get__(self, instance, owner):
         if instance is None:
             return self
-        return _LeanFunction(self._compiled.__get__(instance, owner), self._cache_first_call)
+        return _LeanFunction(self._compiled.__get__(instance, owner), self._cache_graph)
 
     def __getattr__(self, name):
         return getattr(self._compiled, name)

@@ -295,7 +295,7 @@ class NVAE(CheckpointListsMixin, keras.Model):
         seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)  # int32 tensors too
         return seed if seed.shape.rank == 1 else tf.stack([seed, tf.zeros_like(seed)])
 
-    @graph_optimization.function(reduce_retracing=True)
+    @graph_optimization.function(reduce_retracing=True, cache_graph=True)
     def log_likelihood(
         self,
         x: tf.Tensor,

@@ -147,6 +147,29 @@ def test_a_cache_graph_function_fingerprints_its_first_call_only(monkeypatch):
     assert options.memory_optimization == options.NO_MEM_OPT  # the call's lean options
 
 
+def test_each_model_gets_its_own_first_call_of_a_cache_graph_method(monkeypatch):
+    seen = []
+
+    def recording(function, config_proto=None):
+        seen.append(function.name)
+        return graph_cache.contextlib.nullcontext()
+
+    monkeypatch.setattr(graph_cache, "instantiating", recording)
+
+    class Scaler(tf.Module):
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = tf.Variable(factor)
+
+        @graph_optimization.function(cache_graph=True)
+        def __call__(self, x):
+            return self.factor * x
+
+    two, three = Scaler(2.0), Scaler(3.0)
+    assert [float(m(tf.constant(1.0))) for m in (two, two, three, three)] == [2, 2, 3, 3]
+    assert len(seen) == 2 and seen[0] != seen[1]
+
+
 CHILD = textwrap.dedent(
     """
     import numpy as np, tensorflow as tf

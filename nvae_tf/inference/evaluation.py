@@ -76,7 +76,7 @@ def evaluate(
 
 
 def _make_step(model, strategy, num_samples, max_images_per_pass):
-    @graph_optimization.function(reduce_retracing=True)
+    @graph_optimization.function(reduce_retracing=True, cache_graph=True)
     def step(batch, seed):
         def replica_step(x):
             x = x[0] if isinstance(x, (tuple, list)) else x
