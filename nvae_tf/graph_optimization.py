@@ -142,7 +142,9 @@ class _LeanFunction:
 
     def __call__(self, *args, **kwargs):
         with lean_grappler():
-            if not self._cache_graph or self._compiled in _FIRST_CALL_DONE:
+            # Inside another trace the call is only recorded, instantiated with the caller's.
+            eager_first = tf.executing_eagerly() and self._compiled not in _FIRST_CALL_DONE
+            if not (self._cache_graph and eager_first):
                 return self._compiled(*args, **kwargs)
             _FIRST_CALL_DONE.add(self._compiled)
             # Traced here, so that the graph can be fingerprinted before it is instantiated.

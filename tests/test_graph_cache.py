@@ -139,6 +139,8 @@ def test_a_cache_graph_function_fingerprints_its_first_call_only(monkeypatch):
     def add_one(x):
         return x + 1.0
 
+    assert float(tf.function(add_one)(tf.constant(0.0))) == 1.0  # traced into another graph
+    assert seen == []
     assert float(add_one(tf.constant(1.0))) == 2.0
     assert float(add_one(tf.constant(2.0))) == 3.0
     ((name, config_proto),) = seen
