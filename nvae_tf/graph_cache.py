@@ -16,8 +16,8 @@ entry. A graph written there is moved into the cache by one atomic rename, so a 
 reader never sees part of an entry.
 
 The cache lives in ``$NVAE_TF_GRAPH_CACHE``, by default ``~/.cache/nvae_tf/graphs`` (under
-``$XDG_CACHE_HOME`` if set); ``NVAE_TF_GRAPH_CACHE=off`` turns it off. It keeps the
-``MAX_ENTRIES`` most recently used entries. The entries are graphs that TensorFlow runs, so
+``$XDG_CACHE_HOME`` if set); ``NVAE_TF_GRAPH_CACHE=off`` turns it off. It keeps the most
+recently used entries, at most ``MAX_ENTRIES`` of them and ``MAX_BYTES`` in all. The entries are graphs that TensorFlow runs, so
 the directory gets the same trust as the code; it is created private to the user (0700).
 Caching is best effort: a cache that cannot be read or written logs one warning and the
 function is optimized as usual.
@@ -37,6 +37,7 @@ from tensorflow.core.protobuf import config_pb2
 ENV_VAR = "NVAE_TF_GRAPH_CACHE"
 TF_ENV_VAR = "TF_GRAPH_CACHING"  # read by TensorFlow's function instantiation (C++)
 MAX_ENTRIES = 16
+MAX_BYTES = 1 << 30  # entries are 8 MB (MNIST step) to tens of MB (the paper's larger configs)
 _STALE_WORK_S = 24 * 3600  # a private directory left behind by a process that died
 _OFF = ("", "0", "off", "false", "no")
 # TF_* settings that do not change an optimized graph (logging, this cache itself).
@@ -143,7 +144,8 @@ def _store(work, entry, function_name, hit, root):
 
 
 def _prune(root):
-    """Delete all but the ``MAX_ENTRIES`` most recently used entries, and old leftovers."""
+    """Keep the most recently used entries, at most ``MAX_ENTRIES`` and ``MAX_BYTES`` in all
+    (the newest always), and delete old leftovers."""
     for name in os.listdir(root):
         path = os.path.join(root, name)
         if name.startswith(".instantiating-") and _age(path) > _STALE_WORK_S:
@@ -154,8 +156,18 @@ def _prune(root):
         if not name.startswith(".") and os.path.isdir(os.path.join(root, name))
     ]
     entries.sort(key=_mtime, reverse=True)
-    for stale in entries[MAX_ENTRIES:]:
-        shutil.rmtree(stale, ignore_errors=True)
+    total = 0
+    for rank, entry in enumerate(entries):
+        total += _size(entry)
+        if rank >= MAX_ENTRIES or (rank > 0 and total > MAX_BYTES):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _size(folder):
+    try:
+        return sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+    except OSError:
+        return 0
 
 
 def _mtime(path):

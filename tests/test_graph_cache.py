@@ -126,6 +126,24 @@ def test_only_the_most_recently_used_entries_are_kept(cache):
     assert sorted(os.listdir(cache))[0] == ".instantiating-live"
 
 
+def test_the_cache_stays_under_its_size_and_keeps_the_newest_entry(cache, monkeypatch):
+    monkeypatch.setattr(graph_cache, "MAX_BYTES", 2500)
+    cache.mkdir()
+    for i, size in enumerate([1000, 1000, 1000, 3000]):  # the last is the newest
+        (cache / f"entry{i}").mkdir()
+        (cache / f"entry{i}" / "graph").write_bytes(b"x" * size)
+        os.utime(cache / f"entry{i}", (1000 + i, 1000 + i))
+    graph_cache._prune(str(cache))
+    assert [p.name for p in entries(cache)] == ["entry3"]  # over the limit alone, but newest
+    (cache / "entry3" / "graph").write_bytes(b"x" * 1000)
+    for i in (0, 1, 2):
+        (cache / f"entry{i}").mkdir()
+        (cache / f"entry{i}" / "graph").write_bytes(b"x" * 1000)
+        os.utime(cache / f"entry{i}", (2000 + i, 2000 + i))
+    graph_cache._prune(str(cache))
+    assert [p.name for p in entries(cache)] == ["entry1", "entry2"]  # 2,000 bytes, newest two
+
+
 def test_a_cache_graph_function_fingerprints_its_first_call_only(monkeypatch):
     seen = []
 
