@@ -60,9 +60,14 @@ def rewriter_config(base=None):
     return config
 
 
+def _has_call_options():
+    """Whether the eager context's per-call options (private, see the docstring) exist."""
+    return _context is not None and hasattr(_context.context(), "function_call_options")
+
+
 def _call_config():
     """The serialized ``ConfigProto`` this thread's function calls use, or None."""
-    if _context is None or not hasattr(_context.context(), "function_call_options"):
+    if not _has_call_options():
         return None
     return _context.context().function_call_options.config_proto_serialized
 
@@ -70,7 +75,7 @@ def _call_config():
 @contextlib.contextmanager
 def lean_grappler():
     """Calls of ``tf.function``s inside use ``rewriter_config()`` (this thread only)."""
-    if _context is None or not hasattr(_context.context(), "function_call_options"):
+    if not _has_call_options():
         yield
         return
     ctx = _context.context()

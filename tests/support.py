@@ -110,3 +110,20 @@ def depends_on(op, target):
             seen.add(current.name)
             todo += [t.op for t in current.inputs] + list(current.control_inputs)
     return False
+
+
+def scaler_module(**function_kwargs):
+    """A ``tf.Module`` class whose ``__call__`` (``factor * x``) is a
+    ``graph_optimization.function(**function_kwargs)`` method."""
+    from nvae_tf import graph_optimization
+
+    class Scaler(tf.Module):
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = tf.Variable(factor)
+
+        @graph_optimization.function(**function_kwargs)
+        def __call__(self, x):
+            return self.factor * x
+
+    return Scaler

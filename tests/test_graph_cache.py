@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import tensorflow as tf
+from support import scaler_module
 
 from nvae_tf import graph_cache, graph_optimization
 
@@ -144,7 +145,9 @@ def test_the_cache_stays_under_its_size_and_keeps_the_newest_entry(cache, monkey
     assert [p.name for p in entries(cache)] == ["entry1", "entry2"]  # 2,000 bytes, newest two
 
 
-def test_a_cache_graph_function_fingerprints_its_first_call_only(monkeypatch):
+@pytest.fixture
+def first_calls(monkeypatch):
+    """(function name, config proto) of every call ``instantiating`` gets, which does nothing."""
     seen = []
 
     def recording(function, config_proto=None):
@@ -152,6 +155,11 @@ def test_a_cache_graph_function_fingerprints_its_first_call_only(monkeypatch):
         return graph_cache.contextlib.nullcontext()
 
     monkeypatch.setattr(graph_cache, "instantiating", recording)
+    return seen
+
+
+def test_a_cache_graph_function_fingerprints_its_first_call_only(first_calls):
+    seen = first_calls
 
     @graph_optimization.function(cache_graph=True)
     def add_one(x):
@@ -167,27 +175,12 @@ def test_a_cache_graph_function_fingerprints_its_first_call_only(monkeypatch):
     assert options.memory_optimization == options.NO_MEM_OPT  # the call's lean options
 
 
-def test_each_model_gets_its_own_first_call_of_a_cache_graph_method(monkeypatch):
-    seen = []
-
-    def recording(function, config_proto=None):
-        seen.append(function.name)
-        return graph_cache.contextlib.nullcontext()
-
-    monkeypatch.setattr(graph_cache, "instantiating", recording)
-
-    class Scaler(tf.Module):
-        def __init__(self, factor):
-            super().__init__()
-            self.factor = tf.Variable(factor)
-
-        @graph_optimization.function(cache_graph=True)
-        def __call__(self, x):
-            return self.factor * x
-
+def test_each_model_gets_its_own_first_call_of_a_cache_graph_method(first_calls):
+    Scaler = scaler_module(cache_graph=True)
     two, three = Scaler(2.0), Scaler(3.0)
     assert [float(m(tf.constant(1.0))) for m in (two, two, three, three)] == [2, 2, 3, 3]
-    assert len(seen) == 2 and seen[0] != seen[1]
+    names = [name for name, _ in first_calls]
+    assert len(names) == 2 and names[0] != names[1]
 
 
 CHILD = textwrap.dedent(

@@ -2,6 +2,7 @@
 
 import numpy as np
 import tensorflow as tf
+from support import scaler_module
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.eager import context
 
@@ -49,15 +50,7 @@ def test_options_apply_during_the_call_only():
 
 
 def test_methods_bind_like_tf_function():
-    class Scaler(tf.Module):
-        def __init__(self, factor):
-            super().__init__()
-            self.factor = tf.Variable(factor)
-
-        @graph_optimization.function(reduce_retracing=True)
-        def __call__(self, x):
-            return self.factor * x
-
+    Scaler = scaler_module(reduce_retracing=True)
     a, b = Scaler(2.0), Scaler(3.0)
     assert float(a(tf.constant(1.0))) == 2.0
     assert float(b(tf.constant(1.0))) == 3.0
