@@ -668,6 +668,52 @@ def test_fused_bn_swish_gradient_matches_autodiff_in_a_graph():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("swish", [False, True])
+def test_bfloat16_batchnorm_feeds_the_fused_kernels_without_casts(swish):
+    """Under mixed_bfloat16 the training BN hands its bfloat16 input to the fused kernels as
+    it is (they keep the statistics in float32): no activation-sized cast either way, and
+    output, gradients and statistics agree with the float32 layer to bfloat16 rounding."""
+    rng = np.random.default_rng(5)
+    x16 = tf.cast(rng.normal(0.5, 2.0, (4, 6, 6, 8)), tf.bfloat16)
+    gamma = rng.uniform(0.5, 1.5, 8).astype("float32")
+    layers = {}
+    for dtype in ("float32", "mixed_bfloat16"):
+        layers[dtype] = BatchNorm(dtype=dtype)
+        layers[dtype].build(x16.shape)
+        layers[dtype].gamma.assign(gamma)
+
+    @tf.function
+    def run(layer, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True, swish=swish)
+            loss = tf.reduce_sum(tf.cos(tf.cast(y, tf.float32)))
+        return y, tape.gradient(loss, [x, layer.gamma, layer.beta])
+
+    graph = run.get_concrete_function(layers["mixed_bfloat16"], x16).graph
+    name = layers["mixed_bfloat16"].name
+    assert not [op for op in graph.get_operations() if op.type == "Cast" and name in op.name]
+    y16, grads16 = run(layers["mixed_bfloat16"], x16)
+    y32, grads32 = run(layers["float32"], tf.cast(x16, tf.float32))  # the same input values
+    assert y16.dtype == tf.bfloat16 and grads16[0].dtype == tf.bfloat16
+    np.testing.assert_allclose(tf.cast(y16, tf.float32), y32, rtol=1e-2, atol=1e-2)
+    # d_gamma and d_beta are sums over 144 upstream values, each rounded to bfloat16 (2^-8).
+    for a, b, atol in zip(grads16, grads32, (2e-2, 0.1, 0.1)):
+        np.testing.assert_allclose(tf.cast(a, tf.float32), b, rtol=2e-2, atol=atol)
+    for stat in ("moving_mean", "moving_variance"):
+        a, b = (getattr(layers[d], stat).numpy() for d in ("mixed_bfloat16", "float32"))
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    infer = tf.function(lambda layer, x: layer(x, training=False))
+    graph = infer.get_concrete_function(layers["mixed_bfloat16"], x16).graph
+    assert not [op for op in graph.get_operations() if op.type == "Cast"]
+    np.testing.assert_allclose(
+        tf.cast(infer(layers["mixed_bfloat16"], x16), tf.float32),
+        infer(layers["float32"], tf.cast(x16, tf.float32)),
+        rtol=1e-2,
+        atol=1e-2,
+    )
+
+
 @pytest.mark.parametrize("layer_type", [BatchNorm, BNSwish])
 def test_update_stats_false_uses_batch_stats_without_moving_them(layer_type):
     layer = layer_type()

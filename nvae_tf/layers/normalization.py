@@ -19,6 +19,9 @@ from nvae_tf.layers import lean_gradient, ordering
 BN_MOMENTUM = 0.95
 BN_EPSILON = 1e-5
 _EMPTY = tf.constant([], tf.float32)  # FusedBatchNormV3's unused mean/variance in training
+# Inputs the fused kernels take as they are, statistics in float32 inside: under
+# mixed_bfloat16 no activation-sized cast each way (MNIST b16 step ~10% faster on a CPU).
+FUSED_INPUT_DTYPES = ("float32", "bfloat16")
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
@@ -44,9 +47,10 @@ class BatchNorm(keras.layers.BatchNormalization):
             # Written out, Grappler's remapper fuses it into one kernel (Keras' silu has a
             # custom-gradient wrapper that hides the pattern): 1.7x faster BN + Swish on CPU.
             return out * tf.sigmoid(out) if swish else out
-        x = ops.cast(inputs, "float32")
+        fusable = self._fusable(inputs) and inputs.dtype.name in FUSED_INPUT_DTYPES
+        x = inputs if fusable else ops.cast(inputs, "float32")
         gamma, beta = self._float32_or(self.gamma, 1.0), self._float32_or(self.beta, 0.0)
-        if self._fusable(x):
+        if fusable:
             out, mean, variance = fused_batch_norm_train(
                 x, gamma, beta, self.epsilon, swish, then=linear
             )
@@ -69,8 +73,9 @@ class BatchNorm(keras.layers.BatchNormalization):
         if not self._per_channel_nhwc(inputs):
             return super().call(inputs, training=False)
         # One fused kernel (one pass over x) instead of Keras' multiply and add.
+        x = inputs if inputs.dtype.name in FUSED_INPUT_DTYPES else ops.cast(inputs, "float32")
         out = tf.compat.v1.nn.fused_batch_norm(
-            ops.cast(inputs, "float32"),
+            x,
             self._float32_or(self.gamma, 1.0),
             self._float32_or(self.beta, 0.0),
             mean=self.moving_mean,
@@ -214,17 +219,18 @@ def fused_batch_norm_train(x, gamma, beta, epsilon, swish=False, then=None):
 # a kernel and a pass over memory per op): MNIST training step 6-9% faster on a CPU.
 @tf.function(jit_compile=True, autograph=False)
 def _affine_swish(x, scale, shift):
-    """Swish(x * scale + shift), per channel."""
-    y = x * scale + shift
-    return y * tf.sigmoid(y)
+    """Swish(x * scale + shift), per channel, in float32; returned in ``x``'s dtype."""
+    y = tf.cast(x, scale.dtype) * scale + shift
+    return tf.cast(y * tf.sigmoid(y), x.dtype)
 
 
 @tf.function(jit_compile=True, autograph=False)
 def _affine_swish_gradient(x, scale, shift, d):
-    """The gradient ``d`` of Swish(y) taken back to y = x * scale + shift."""
-    y = x * scale + shift
+    """The gradient ``d`` of Swish(y) taken back to y = x * scale + shift (float32 inside;
+    returned in ``d``'s dtype)."""
+    y = tf.cast(x, scale.dtype) * scale + shift
     s = tf.sigmoid(y)
-    return d * (s * (1.0 + y * (1.0 - s)))
+    return tf.cast(tf.cast(d, scale.dtype) * (s * (1.0 + y * (1.0 - s))), d.dtype)
 
 
 def synchronized_moments(x, axes):
