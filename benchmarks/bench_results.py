@@ -63,7 +63,9 @@ def meets(comparison: str, bound: float, value: float | None) -> bool | None:
     return value >= bound if comparison == ">=" else value <= bound
 
 
-def summarize_figure(figure: Figure, runs: list[RunRecord], startup_target_s: float | None):
+def summarize_figure(
+    figure: Figure, runs: list[RunRecord], startup_target_s: float | None, ratio_targets=True
+):
     """Per-side values, medians, the ratio and the target (text and whether it is met)."""
     values = {
         side: [r.value(figure.key) for r in runs if r.side == side and r.value(figure.key)]
@@ -72,7 +74,7 @@ def summarize_figure(figure: Figure, runs: list[RunRecord], startup_target_s: fl
     medians = {side: statistics.median(v) if v else None for side, v in values.items()}
     oriented = ratio(figure.kind, medians[ORIGINAL], medians[OURS])
     target, met = None, None
-    if figure.key in RATIO_TARGETS:
+    if ratio_targets and figure.key in RATIO_TARGETS:
         comparison, bound = RATIO_TARGETS[figure.key]
         target = f"{'≥' if comparison == '>=' else '≤'} {bound:.1f}×"
         met = meets(comparison, bound, oriented)
@@ -89,13 +91,16 @@ def summarize_figure(figure: Figure, runs: list[RunRecord], startup_target_s: fl
     }
 
 
-def summarize(runs: list[RunRecord], batches: dict, startup_targets: dict) -> dict:
-    """Per configuration (in order of first appearance): batch, IW K and each figure's summary."""
+def summarize(
+    runs: list[RunRecord], batches: dict, startup_targets: dict, ratio_targets=True
+) -> dict:
+    """Per configuration (in order of first appearance): batch, IW K and each figure's summary;
+    ``ratio_targets=False`` leaves issue 13's ratio targets out (they are float32 ones)."""
     summary = {}
     for config in dict.fromkeys(r.config for r in runs):
         mine = [r for r in runs if r.config == config]
         figures = {
-            f.key: summarize_figure(f, mine, startup_targets.get(config))
+            f.key: summarize_figure(f, mine, startup_targets.get(config), ratio_targets)
             for f in FIGURES
             if any(r.value(f.key) for r in mine)
         }

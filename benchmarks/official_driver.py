@@ -9,9 +9,10 @@ train.py, test() and evaluate.py do:
 
 - a training step: forward, decoder log-likelihood, balanced KL, spectral and batch-norm
   regularizers, backward, Adamax (float32, no gradient scaling; with ``--amp``, under autocast
-  with its GradScaler started at 2^10, as train.py);
+  with its GradScaler started at 2^10, as train.py; with ``--bf16`` on the CPU, under
+  PyTorch's bfloat16 CPU autocast, no scaling);
 - sampling: ``model.sample(n, t)`` in eval mode (under autocast with ``--amp``, as
-  evaluate.py) and one draw from the decoder;
+  evaluate.py, or ``--bf16``) and one draw from the decoder;
 - IW evaluation: K forward passes in eval mode, ``log p(x|z) + log p(z) - log q(z|x)`` per
   pass, ``logsumexp`` over K minus ``log K``.
 """
@@ -61,12 +62,19 @@ def build(harness, name, device="cpu"):
     return model, optimizer, alpha, args, size, channels
 
 
-def operations(model, optimizer, alpha, args, x_train, x_eval_for, amp=False):
+def operations(model, optimizer, alpha, args, x_train, x_eval_for, amp=False, bf16=False):
     import torch
     import utils
 
     cuda = x_train.is_cuda
-    autocast = lambda: torch.autocast("cuda", enabled=amp) if cuda else contextlib.nullcontext()
+
+    def autocast():
+        if cuda:
+            return torch.autocast("cuda", enabled=amp)
+        if bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     scaler = torch.amp.GradScaler("cuda", 2.0**10, enabled=amp)
 
     def finished(value):
@@ -126,9 +134,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--amp", action="store_true", help="float16 autocast, as the original trains")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on the CPU")
     protocol.add_child_args(p)
     args = p.parse_args(argv)
     protocol.check_counts(p, args)
+    if args.bf16 and args.device != "cpu":
+        p.error("--bf16 is the CPU's autocast; on cuda pass --amp")
     sys.path[:0] = [os.path.abspath(args.harness), os.path.abspath(args.nvae)]
     sys.modules.setdefault("tensorboardX", types.SimpleNamespace(SummaryWriter=object))
     import official_bench as harness
@@ -153,7 +164,7 @@ def main(argv=None):
 
     x_train = images(args.batch, 0)
     eval_images = lambda b: images(b, 1)
-    ops = operations(model, optimizer, alpha, model_args, x_train, eval_images, args.amp)
+    ops = operations(model, optimizer, alpha, model_args, x_train, eval_images, args.amp, args.bf16)
     figures = protocol.ChildFigures(
         batch=args.batch,
         batch_sum=float(x_train.sum()),

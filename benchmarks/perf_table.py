@@ -11,6 +11,11 @@ from bench_results import FIGURES, ORIGINAL, OURS
 
 BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
 LABELS = {f.key: f.label for f in FIGURES}
+PRECISION_TEXT = {
+    "float32": "float32",
+    "bfloat16": "bfloat16 on both sides (nvae-tf `mixed_bfloat16`, the original under PyTorch's "
+    "CPU bfloat16 autocast)",
+}
 
 
 class TableError(Exception):
@@ -46,9 +51,11 @@ def render(results: dict) -> str:
         tf_version = versions.get(OURS, {}).get("tensorflow", "?")
         torch_version = versions.get(ORIGINAL, {}).get("torch")
         commit = (results.get("commit") or "unknown")[:10]
+        precision = results.get("precision", "float32")  # files before 2026-12-01: float32
+        precision = PRECISION_TEXT.get(precision, precision)
         lines = [
-            f"Measured {results['date']} on {results['host']} ({results['cpus']} CPUs), float32, "
-            f"nvae-tf {commit} (TensorFlow {tf_version})"
+            f"Measured {results['date']} on {results['host']} ({results['cpus']} CPUs), "
+            f"{precision}, nvae-tf {commit} (TensorFlow {tf_version})"
             + (f" against the original (PyTorch {torch_version})" if torch_version else "")
             + f", {results['repeats']} alternating run(s) per side: values per run, ratios of "
             "medians (above 1: nvae-tf faster; for memory, below 1: nvae-tf smaller).",

@@ -12,8 +12,11 @@ and ratios. ``--table RESULTS.json`` regenerates README.md's performance table f
     python benchmarks/side_by_side.py --configs mnist cifar10-cpu \\
         --official ../shared/reference/nvae-official --torch-python /path/to/torch-venv/bin/python
     python benchmarks/side_by_side.py --configs cifar10 --only startup --official ...
+    python benchmarks/side_by_side.py --configs mnist --precision bfloat16 --official ...
     python benchmarks/side_by_side.py --table benchmarks/results/side-by-side-*.json
 
+``--precision bfloat16`` runs both sides in bfloat16 (ours ``mixed_bfloat16``, the original under
+PyTorch's CPU bfloat16 autocast); its sittings carry no targets, issue 13's being float32 ones.
 Without ``--official`` only ours runs. Nothing is written unless every run succeeds.
 """
 
@@ -39,6 +42,7 @@ from perf_table import TableError, render, update_readme
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_CONFIGS = ["mnist", "cifar10-cpu"]
+PRECISIONS = ("float32", "bfloat16")  # both sides: see the module docstring
 GRAPH_CACHE_VAR = "NVAE_TF_GRAPH_CACHE"  # nvae_tf.graph_cache.ENV_VAR (not imported: no TF here)
 
 
@@ -57,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--configs", nargs="+", choices=sorted(SETUPS), default=DEFAULT_CONFIGS)
     p.add_argument("--repeats", type=int, default=2, help="runs per side and configuration")
     p.add_argument("--batch", type=int, help="training batch (default: the configuration's)")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32", help="on both sides")
     p.add_argument("--official", metavar="PATH", help="the original NVAE's code: time it too")
     p.add_argument(
         "--harness",
@@ -129,7 +134,10 @@ def plan(args) -> list[tuple[str, Setup]]:
 
 def ours_command(setup: Setup, batch: int, args) -> list[str]:
     config = os.path.join(ROOT, setup.config_file)  # an absolute config_file stays as it is
-    sets = [item for key, value in setup.overrides for item in ("--set", f"{key}={value}")]
+    overrides = setup.overrides
+    if args.precision == "bfloat16":
+        overrides = (*overrides, ("precision", "mixed_bfloat16"))
+    sets = [item for key, value in overrides for item in ("--set", f"{key}={value}")]
     return [sys.executable, os.path.join(HERE, "ours_driver.py"), "--config", config, *sets,
             "--batch", str(batch), *child_args(args)]  # fmt: skip
 
@@ -137,7 +145,7 @@ def ours_command(setup: Setup, batch: int, args) -> list[str]:
 def official_command(setup: Setup, batch: int, args) -> list[str]:
     return [args.torch_python, os.path.join(HERE, "official_driver.py"), "--nvae", args.official,
             "--harness", args.harness, "--config", setup.official, "--batch", str(batch),
-            *child_args(args)]  # fmt: skip
+            *(["--bf16"] if args.precision == "bfloat16" else []), *child_args(args)]  # fmt: skip
 
 
 def run_child(
@@ -250,6 +258,7 @@ def results_document(args, runs, setups, torch_version, started) -> dict:
         versions[ORIGINAL].setdefault("torch", torch_version)
     batches = {name: args.batch or setup.batch for name, setup in setups}
     targets = {name: setup.startup_target_s for name, setup in setups}
+    with_targets = args.precision == "float32"  # issue 13's targets are float32 ones
     return {
         "date": started.isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -260,9 +269,10 @@ def results_document(args, runs, setups, torch_version, started) -> dict:
         "versions": versions,
         "command": shlex.join(["python", *sys.argv]),
         "python": sys.executable,
+        "precision": args.precision,
         "repeats": args.repeats,
         "runs": [asdict(r) for r in runs],
-        "summary": summarize(runs, batches, targets),
+        "summary": summarize(runs, batches, targets if with_targets else {}, with_targets),
     }
 
 

@@ -193,6 +193,27 @@ def test_a_missing_reference_or_harness_is_one_line_and_exit_2(tmp_path, capsys)
     assert code == 2 and "no official_bench.py" in line
 
 
+def test_a_bfloat16_sitting_runs_both_sides_in_bfloat16_and_claims_no_target():
+    args = side_by_side.parse_args(["--precision", "bfloat16", "--official", "nvae"])
+    args.harness = "bench"
+    ours = side_by_side.ours_command(SETUPS["cifar10-cpu"], 16, args)
+    assert ours[ours.index("precision=mixed_bfloat16") - 1] == "--set"
+    assert "num_groups_per_scale=10" in ours  # the setup's own overrides stay
+    assert "--bf16" in side_by_side.official_command(SETUPS["mnist"], 16, args)
+    float32 = side_by_side.parse_args(["--official", "nvae"])
+    float32.harness = "bench"
+    assert "--bf16" not in side_by_side.official_command(SETUPS["mnist"], 16, float32)
+    assert "precision=mixed_bfloat16" not in side_by_side.ours_command(SETUPS["mnist"], 16, float32)
+    summary = summarize(two_sided_runs(), {"mnist": 16}, {}, ratio_targets=False)["mnist"]
+    for figure in summary["figures"].values():
+        assert figure["target"] is None and figure["met"] is None
+    assert summary["figures"]["train_s_per_step"]["ratio"] == pytest.approx(2.3 / 1.1)
+    doc = {**results_document(), "precision": "bfloat16", "summary": {"mnist": summary}}
+    table = perf_table.render(doc)
+    assert "bfloat16 on both sides" in table and "✓" not in table and "✗" not in table
+    assert ", float32, " in perf_table.render(results_document())  # older files: float32
+
+
 def test_child_options_reach_the_child_unchanged():
     parent = side_by_side.parse_args(["--steps", "5", "--iw-samples", "7", "--only", "startup"])
     child = bench_protocol.argparse.ArgumentParser()
