@@ -5,6 +5,7 @@ These use small stand-ins (a few variables, a two-image folder, a pure-Python wa
 run in seconds; the end-to-end paths through ``nvae-train`` are in ``test_reliability_runs.py``.
 """
 
+import gc
 import os
 import signal
 import subprocess
@@ -225,6 +226,37 @@ def test_folder_iterator_is_checkpointed_despite_the_python_decoder(tmp_path):
     expected = [next(iterator).numpy() for _ in range(3)]
     tf.train.Checkpoint(data=iterator).restore(prefix)
     np.testing.assert_array_equal([next(iterator).numpy() for _ in range(3)], expected)
+
+
+def test_a_run_stopped_by_bad_data_frees_its_data_iterator_before_exit(tmp_path, capsys):
+    """``nvae-train`` stopped by a truncated image returns with its tf.data iterator already
+    destroyed (the failed run leaves it in reference cycles): not at interpreter shutdown,
+    where a folder iterator's destructor can wait forever for its Python decoder."""
+    from support import colour_config
+
+    from trainers.train import main
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 2)):
+        (tmp_path / split).mkdir()
+        for i in range(count):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / split / f"{i}.png")
+    bad = tmp_path / "train" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:-40])
+    config = tmp_path / "colour.yaml"
+    colour_config(data_dir=str(tmp_path), batch_size=4, epochs=1).to_yaml(str(config))
+    iterators = lambda: [o for o in gc.get_objects() if type(o).__name__ == "OwnedIterator"]
+    gc.collect()
+    before = len(iterators())
+    gc.disable()  # only the entry point's own collection may free the cycles
+    try:
+        code = main(["--config", str(config), "--out", str(tmp_path / "run"), "--progress", "0"])
+        left = len(iterators()) - before
+    finally:
+        gc.enable()
+    assert code == 2 and "bad file" in capsys.readouterr().err
+    assert left == 0
 
 
 # --- watchdog and signals ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import argparse
 import functools
+import gc
 import json
 import math
 import os
@@ -58,6 +59,11 @@ def entry_point(main):
         except KeyboardInterrupt as e:  # nvae-train's TrainingInterrupted says more
             print(str(e) or "interrupted", file=sys.stderr)
             return getattr(e, "exit_code", 130)
+        finally:
+            # A run that stopped on an error leaves its model, checkpoint and tf.data iterator
+            # in reference cycles. Freed now, while Python runs: left to interpreter shutdown,
+            # a folder iterator's destructor once waited forever for its Python decoder.
+            gc.collect()
 
     return wrapper
 
