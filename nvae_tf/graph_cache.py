@@ -17,8 +17,9 @@ reader never sees part of an entry.
 
 The cache lives in ``$NVAE_TF_GRAPH_CACHE``, by default ``~/.cache/nvae_tf/graphs`` (under
 ``$XDG_CACHE_HOME`` if set); ``NVAE_TF_GRAPH_CACHE=off`` turns it off. It keeps the most
-recently used entries, at most ``MAX_ENTRIES`` of them and ``MAX_BYTES`` in all. The entries are graphs that TensorFlow runs, so
-the directory gets the same trust as the code; it is created private to the user (0700).
+recently used entries, at most ``MAX_ENTRIES`` of them and ``MAX_BYTES`` in all. The entries
+are graphs that TensorFlow runs, so the directory gets the same trust as the code; it is
+created private to the user (0700).
 Caching is best effort: a cache that cannot be read or written logs one warning and the
 function is optimized as usual.
 """

@@ -99,6 +99,12 @@ def colour_images(batch, size=16, bits=8, seed=0):
 SEED = 1234  # the global seed of the ``seeded`` fixture
 
 
+def truncate_image(path):
+    """Cut an image file's last 40 bytes: its header intact (the up-front check passes), its
+    last pixels gone (only decoding finds it)."""
+    path.write_bytes(path.read_bytes()[:-40])
+
+
 def depends_on(op, target):
     """Whether graph op ``op`` is ``target`` or runs after it (data or control edges)."""
     seen, todo = set(), [op]

@@ -16,7 +16,6 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from nvae_tf.data import DataError, load_dataset
 from nvae_tf.data.errors import data_error_from
@@ -185,17 +184,12 @@ def test_failed_start_is_removed_unless_it_saved_a_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_truncated_image_is_named_where_it_is_decoded(fmt, tmp_path):
-    from support import colour_config
+    from support import colour_config, truncate_image
+    from tiny_runs import write_colour_folder
 
-    ext = fmt.lower()
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for i in range(2):
-            path = tmp_path / split / f"{i}.{ext}"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path, fmt)
-    bad = tmp_path / "train" / f"1.{ext}"
-    bad.write_bytes(bad.read_bytes()[:-40])  # header intact, the last pixels cut
+    write_colour_folder(tmp_path, num_train=2, num_test=2, fmt=fmt)
+    bad = tmp_path / "train" / f"001.{fmt.lower()}"
+    truncate_image(bad)
     config = colour_config(data_dir=str(tmp_path))
     data = load_dataset(config, "train", shuffle=False, repeat=False, global_batch_size=1)
     with pytest.raises(tf.errors.OpError) as raised:
@@ -212,13 +206,9 @@ def test_truncated_image_is_named_where_it_is_decoded(fmt, tmp_path):
 
 def test_folder_iterator_is_checkpointed_despite_the_python_decoder(tmp_path):
     from support import colour_config
+    from tiny_runs import write_colour_folder
 
-    rng = np.random.default_rng(1)
-    for split in ("train", "test"):
-        for i in range(4):
-            path = tmp_path / split / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    write_colour_folder(tmp_path, num_train=4, num_test=4, seed=1)
     config = colour_config(data_dir=str(tmp_path))
     iterator = iter(load_dataset(config, "train", global_batch_size=1))
     next(iterator)
@@ -232,18 +222,13 @@ def test_a_run_stopped_by_bad_data_frees_its_data_iterator_before_exit(tmp_path,
     """``nvae-train`` stopped by a truncated image returns with its tf.data iterator already
     destroyed (the failed run leaves it in reference cycles): not at interpreter shutdown,
     where a folder iterator's destructor can wait forever for its Python decoder."""
-    from support import colour_config
+    from support import colour_config, truncate_image
+    from tiny_runs import write_colour_folder
 
     from trainers.train import main
 
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("test", 2)):
-        (tmp_path / split).mkdir()
-        for i in range(count):
-            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(tmp_path / split / f"{i}.png")
-    bad = tmp_path / "train" / "3.png"
-    bad.write_bytes(bad.read_bytes()[:-40])
+    write_colour_folder(tmp_path, num_test=2)
+    truncate_image(tmp_path / "train" / "003.png")
     config = tmp_path / "colour.yaml"
     colour_config(data_dir=str(tmp_path), batch_size=4, epochs=1).to_yaml(str(config))
     iterators = lambda: [o for o in gc.get_objects() if type(o).__name__ == "OwnedIterator"]

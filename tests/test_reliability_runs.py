@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
-from support import ROOT, colour_config, tiny_config
+from support import ROOT, colour_config, tiny_config, truncate_image
+from tiny_runs import write_colour_folder
 
 from nvae_tf.training import objective as objective_module
 from nvae_tf.training.loop import TrainingDiverged, train
@@ -76,16 +76,11 @@ def test_stuck_run_without_rollbacks_stops_with_one_line(tmp_path, stuck_until_r
 
 
 def test_truncated_image_stops_training_with_one_line_and_a_rerunnable_out(tmp_path):
-    fmt = "PNG"  # JPEG is named the same way: tests/test_reliability.py
     data = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("test", 2)):
-        (data / split).mkdir(parents=True)
-        for i in range(count):
-            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(data / split / f"{i}.{fmt.lower()}", fmt)
-    bad = data / "train" / f"3.{fmt.lower()}"
-    bad.write_bytes(bad.read_bytes()[:-40])
+    # PNG; a truncated JPEG is named the same way (tests/test_reliability.py).
+    write_colour_folder(data, num_test=2)
+    bad = data / "train" / "003.png"
+    truncate_image(bad)
     config = tmp_path / "colour.yaml"
     colour_config(data_dir=str(data), batch_size=4, epochs=1).to_yaml(str(config))
     out = tmp_path / "run"

@@ -18,14 +18,14 @@ from nvae_tf.run_dir import checkpoint_dir, config_path
 from nvae_tf.training.guarded_optimizer import make_optimizer
 
 
-def write_colour_folder(root, image_size=16, num_train=8, num_test=12, seed=0):
-    """Random RGB PNGs in root/train and root/test."""
+def write_colour_folder(root, image_size=16, num_train=8, num_test=12, seed=0, fmt="PNG"):
+    """Random RGB images (PNG or ``fmt``) in root/train and root/test, named 000.png, ..."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", num_train), ("test", num_test)):
         os.makedirs(os.path.join(root, split), exist_ok=True)
         for i in range(count):
             pixels = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(os.path.join(root, split, f"{i:03d}.png"))
+            Image.fromarray(pixels).save(os.path.join(root, split, f"{i:03d}.{fmt.lower()}"), fmt)
     return root
 
 
